@@ -1,0 +1,152 @@
+"""AdapterConfig: what to adapt and how, as one frozen, validated dataclass."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from .functional import lora_scaling
+
+METHODS = ("lora", "dora")
+INITS = ("kaiming", "gaussian")
+NORM_GRADS = ("detach", "exact")
+BIAS_MODES = ("none", "all", "lora_only")
+ALL_LINEAR = "all-linear"
+
+
+class ConfigError(ValueError):
+    """A field of AdapterConfig has a value dorakit cannot use."""
+
+
+def _check_rank(value: object, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{what} must be a positive integer, got {value!r}; use e.g. rank=8.")
+    return value
+
+
+def _check_alpha(value: object, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{what} must be a positive finite number, got {value!r}; use e.g. alpha=16.")
+    return float(value)
+
+
+def _check_patterns(value: object, what: str, allow_str: bool) -> str | tuple[str, ...]:
+    if isinstance(value, str):
+        if not allow_str:
+            raise ConfigError(f"{what} must be a list of module-name patterns, got the string {value!r}; "
+                              f"write [{value!r}].")
+        if value != ALL_LINEAR:
+            _compile(value, what)
+        return value
+    if not isinstance(value, Sequence) or not all(isinstance(p, str) and p for p in value):
+        raise ConfigError(f"{what} must be a list of non-empty strings, got {value!r}.")
+    for p in value:
+        if p.startswith("re:"):
+            _compile(p[3:], what)
+    return tuple(value)
+
+
+def _compile(pattern: str, what: str) -> re.Pattern[str]:
+    try:
+        return re.compile(pattern)
+    except re.error as e:
+        raise ConfigError(f"{what}: {pattern!r} is not a valid regular expression ({e}).") from None
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """Which modules of a model get an adapter, and which adapter.
+
+    Target patterns (``targets``, ``magnitude_only``, ``modules_to_save``) are matched against the
+    dotted module names of ``model.named_modules()``. Each item of a list is one of:
+
+    * an exact name or a dotted suffix: ``"q_proj"`` matches ``model.layers.0.self_attn.q_proj``;
+    * a glob (has ``*``, ``?`` or ``[``): ``"layers.*.self_attn.q_proj"``, matched against the whole
+      name or any dotted suffix of it;
+    * a regular expression prefixed with ``re:``, matched against the whole name.
+
+    ``targets`` may also be a single string: ``"all-linear"`` (every ``nn.Linear`` / transformers
+    ``Conv1D`` except the model's output head, as PEFT does) or a regular expression matched
+    against the whole name (PEFT's convention for a string ``target_modules``).
+    """
+
+    method: str = "dora"
+    """"lora" (W0 + sBA) or "dora" (m ⊙ (W0 + sBA) / ||W0 + sBA||_c, Liu et al. 2024, Eq. 5)."""
+    rank: int = 8
+    """r, the inner dimension of A (r, in) and B (out, r)."""
+    alpha: float = 16.0
+    """The scale numerator: s = alpha / r (or alpha / sqrt(r) with use_rslora)."""
+    targets: str | tuple[str, ...] = ALL_LINEAR
+    """Modules that get A, B (and a magnitude for DoRA). See the class docstring for the syntax."""
+    dropout: float = 0.0
+    """Dropout probability on the adapter branch's input (PEFT's lora_dropout; see layers.py)."""
+    use_rslora: bool = False
+    """Rank-stabilised scaling s = alpha / sqrt(r) (Kalajdzievski 2023)."""
+    init: str = "kaiming"
+    """A's init: "kaiming" (Kaiming-uniform, a=sqrt(5), as nn.Linear) or "gaussian" (N(0, 1/r)). B = 0."""
+    norm_grad: str = "detach"
+    """DoRA only. "detach": ||W0 + sBA||_c is a constant in backward (paper §4.3, less memory);
+    "exact": gradients flow through the norm."""
+    magnitude_only: tuple[str, ...] = ()
+    """Modules that train only a magnitude vector m (no A, B): W' = m ⊙ W0 / ||W0||_c (paper §5)."""
+    bias: str = "none"
+    """Which biases train: "none", "all" (every bias in the model) or "lora_only" (adapted modules').
+    Biases are never rescaled by m / ||W'||_c."""
+    rank_pattern: Mapping[str, int] = field(default_factory=dict)
+    """Per-module rank overrides, PEFT's convention: key k matches name n if re.match(rf"(.*\\.)?({k})$", n);
+    the first matching key wins."""
+    alpha_pattern: Mapping[str, float] = field(default_factory=dict)
+    """Per-module alpha overrides, same matching as rank_pattern."""
+    modules_to_save: tuple[str, ...] = ()
+    """Modules trained in full (e.g. a classification head); unfrozen in place."""
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"method must be one of {METHODS}, got {self.method!r}.")
+        _check_rank(self.rank, "rank")
+        _check_alpha(self.alpha, "alpha")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
+                or not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be a probability in [0, 1), got {self.dropout!r}.")
+        if not isinstance(self.use_rslora, bool):
+            raise ConfigError(f"use_rslora must be True or False, got {self.use_rslora!r}.")
+        for name, allowed in (("init", INITS), ("norm_grad", NORM_GRADS), ("bias", BIAS_MODES)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}.")
+        targets = _check_patterns(self.targets, "targets", allow_str=True)
+        if not targets:
+            raise ConfigError("targets is empty: name at least one module, e.g. targets=['q_proj', 'v_proj'].")
+        # Lists become tuples so that the frozen config stays immutable; the meaning is unchanged.
+        object.__setattr__(self, "targets", targets)
+        object.__setattr__(self, "magnitude_only",
+                           _check_patterns(self.magnitude_only, "magnitude_only", allow_str=False))
+        object.__setattr__(self, "modules_to_save",
+                           _check_patterns(self.modules_to_save, "modules_to_save", allow_str=False))
+        for name, check in (("rank_pattern", _check_rank), ("alpha_pattern", _check_alpha)):
+            pattern = getattr(self, name)
+            if not isinstance(pattern, Mapping):
+                raise ConfigError(f"{name} must be a mapping from module-name pattern to value, got {pattern!r}.")
+            for key, value in pattern.items():
+                _compile(rf"(.*\.)?({key})$", name)
+                check(value, f"{name}[{key!r}]")
+            object.__setattr__(self, name, MappingProxyType(dict(pattern)))
+
+    @property
+    def scaling(self) -> float:
+        """s for the default rank and alpha."""
+        return lora_scaling(self.alpha, self.rank, self.use_rslora)
+
+    def rank_alpha_for(self, module_name: str) -> tuple[int, float]:
+        """(rank, alpha) for one module, after rank_pattern / alpha_pattern overrides."""
+        return (_pattern_value(self.rank_pattern, module_name, self.rank),
+                float(_pattern_value(self.alpha_pattern, module_name, self.alpha)))
+
+
+def _pattern_value(pattern: Mapping[str, float], module_name: str, default: float) -> float:
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", module_name):
+            return value
+    return default

@@ -1,0 +1,320 @@
+"""Model surgery: find target modules, swap in adapter wrappers by name, and undo it.
+
+No class or global patching: ``apply_adapters`` replaces each matched child with ``setattr`` on its
+parent, and ``remove_adapters`` / ``merge_and_unload`` put plain modules back the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import fnmatch
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from torch import nn
+
+from .config import ALL_LINEAR, AdapterConfig
+from .layers import AdapterLayer, Conv1DAdapter, ConvAdapter, EmbeddingAdapter, LinearAdapter, Variant
+
+
+class TargetError(ValueError):
+    """A target pattern matches nothing, or matches a module dorakit cannot adapt."""
+
+
+def _is_hf_conv1d(module: nn.Module) -> bool:
+    cls = type(module)
+    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers")
+
+
+def _plain(module: nn.Module, base: type[nn.Module]) -> bool:
+    """An instance of ``base`` whose class does not replace base's forward (e.g. not a 4-bit Linear)."""
+    return isinstance(module, base) and type(module).forward is base.forward
+
+
+# First match wins (PEFT's dispatch list, not an if-chain).
+DISPATCH: list[tuple[Callable[[nn.Module], bool], type[AdapterLayer]]] = [
+    (lambda m: _plain(m, nn.Linear), LinearAdapter),
+    (_is_hf_conv1d, Conv1DAdapter),
+    (lambda m: any(_plain(m, c) for c in (nn.Conv1d, nn.Conv2d, nn.Conv3d)), ConvAdapter),
+    (lambda m: _plain(m, nn.Embedding), EmbeddingAdapter),
+]
+SUPPORTED = "nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding, transformers Conv1D"
+
+
+def adapter_class(module: nn.Module) -> type[AdapterLayer] | None:
+    """The wrapper class for ``module``, or None if dorakit cannot adapt it."""
+    for accepts, cls in DISPATCH:
+        if accepts(module):
+            return cls
+    return None
+
+
+def pattern_matches(name: str, pattern: str) -> bool:
+    """One list item of a target pattern (see AdapterConfig) against a dotted module name."""
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    if any(c in pattern for c in "*?["):
+        return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, "*." + pattern)
+    return name == pattern or name.endswith("." + pattern)
+
+
+@dataclass(frozen=True)
+class WrappedModule:
+    """One module that apply_adapters wrapped."""
+
+    name: str
+    base_type: str
+    variant: Variant
+    rank: int
+    alpha: float
+    shape: tuple[int, int]
+    """(out, in) of the base weight's (out, in) view."""
+
+
+@dataclass(frozen=True)
+class InjectionReport:
+    """What apply_adapters did."""
+
+    wrapped: tuple[WrappedModule, ...]
+
+    @property
+    def names(self) -> list[str]:
+        return [w.name for w in self.wrapped]
+
+    def __len__(self) -> int:
+        return len(self.wrapped)
+
+    def __str__(self) -> str:
+        lines = [f"dorakit wrapped {len(self.wrapped)} modules:"]
+        lines += [f"  {w.name}: {w.base_type} {w.shape[0]}x{w.shape[1]} -> {w.variant}"
+                  + (f" r={w.rank} alpha={w.alpha:g}" if w.variant != "magnitude" else "") for w in self.wrapped]
+        return "\n".join(lines)
+
+
+def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
+    """(name, layer) for every dorakit adapter in ``model``."""
+    for name, module in model.named_modules():
+        if isinstance(module, AdapterLayer):
+            yield name, module
+
+
+def _output_head_names(model: nn.Module) -> set[str]:
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    return {name for name, m in model.named_modules() if m is head} if head is not None else set()
+
+
+def _select(model: nn.Module, cfg: AdapterConfig) -> dict[str, Variant]:
+    """Module name -> variant for every module the config selects; raises on anything unusable."""
+    names = [name for name, _ in model.named_modules() if name]
+    modules = dict(model.named_modules())
+    heads = _output_head_names(model)
+    chosen: dict[str, Variant] = {}
+    if cfg.targets == ALL_LINEAR:
+        for name in names:
+            if name not in heads and (_plain(modules[name], nn.Linear) or _is_hf_conv1d(modules[name])):
+                chosen[name] = cfg.method  # type: ignore[assignment]
+        if not chosen:
+            raise TargetError("targets='all-linear' found no nn.Linear or Conv1D module (besides the output head).")
+    elif isinstance(cfg.targets, str):
+        chosen = {n: cfg.method for n in names if re.fullmatch(cfg.targets, n)}  # type: ignore[misc]
+        if not chosen:
+            raise TargetError(f"targets regex {cfg.targets!r} matches no module name.{_close(cfg.targets, names)}")
+    else:
+        chosen = _match_list(cfg.targets, names, "targets", cfg.method)  # type: ignore[arg-type]
+    magnitude = _match_list(cfg.magnitude_only, names, "magnitude_only", "magnitude")
+    both = sorted(set(chosen) & set(magnitude))
+    if both:
+        raise TargetError(f"{both[:5]} match both targets and magnitude_only; a module gets one adapter. "
+                          "Remove them from one of the two lists.")
+    chosen.update(magnitude)
+    chosen = {n: chosen[n] for n in names if n in chosen}  # model order
+    for name in chosen:
+        module = modules[name]
+        if adapter_class(module) is None:
+            raise TargetError(f"module {name!r} ({type(module).__name__}) matched a target but dorakit cannot adapt "
+                              f"it; supported: {SUPPORTED}. Use a more specific pattern.")
+        parent = modules[name.rpartition(".")[0]] if "." in name else model
+        if isinstance(parent, nn.MultiheadAttention):
+            raise TargetError(f"module {name!r} belongs to nn.MultiheadAttention, which reads its weights directly "
+                              "instead of calling the submodule; it cannot be wrapped.")
+    return chosen
+
+
+def _match_list(patterns: tuple[str, ...], names: list[str], field: str, variant: Variant) -> dict[str, Variant]:
+    chosen: dict[str, Variant] = {}
+    for pattern in patterns:
+        hits = [n for n in names if pattern_matches(n, pattern)]
+        if not hits:
+            raise TargetError(f"{field} pattern {pattern!r} matches no module.{_close(pattern, names)}")
+        chosen.update(dict.fromkeys(hits, variant))
+    return chosen
+
+
+def _close(pattern: str, names: list[str]) -> str:
+    """A hint listing module names close to a pattern that matched nothing."""
+    leaves = sorted({n.rpartition(".")[2] for n in names})
+    bare = pattern.removeprefix("re:").rpartition(".")[2]
+    close = difflib.get_close_matches(bare, leaves, n=5, cutoff=0.5)
+    if not close:
+        close = [leaf for leaf in leaves if not leaf.isdigit()][:12]
+        return f" Module names in this model end in: {close}."
+    return f" Close module names: {close}."
+
+
+def _check_not_tied(model: nn.Module, chosen: dict[str, Variant]) -> None:
+    owners: dict[int, list[str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        weight = module._parameters.get("weight") if hasattr(module, "_parameters") else None
+        if weight is not None:
+            owners.setdefault(id(weight), []).append(name)
+    for name in chosen:
+        sharing = owners[id(model.get_submodule(name).weight)]
+        others = [n for n in sharing if n != name]
+        if others:
+            raise TargetError(f"module {name!r} shares its weight with {others} (tied weights); adapting it would "
+                              "also change those on merge. Leave it out of targets.")
+
+
+def apply_adapters(model: nn.Module, cfg: AdapterConfig) -> InjectionReport:
+    """Wrap every module that ``cfg`` selects, in place, and freeze everything else.
+
+    Trainable afterwards: each adapter's A, B and magnitude, the biases that ``cfg.bias`` names and
+    every parameter of ``cfg.modules_to_save``. All other parameters get requires_grad=False.
+
+    Raises:
+        TargetError: a pattern matches nothing (with close names), or a matched module cannot be
+            adapted, or its weight is tied to another module.
+        ValueError: rank larger than min(out, in) of a module (named), and other per-layer misfits.
+        RuntimeError: the model already has dorakit adapters (or is a PEFT model).
+    """
+    existing = [n for n, _ in adapter_layers(model)]
+    if existing:
+        raise RuntimeError(f"the model already has {len(existing)} dorakit adapters (e.g. {existing[0]!r}); call "
+                           "dk.remove_adapters(model) or dk.merge_and_unload(model) before applying again.")
+    if any(type(m).__module__.startswith("peft.") for m in model.modules()):
+        raise RuntimeError("this model contains PEFT adapter modules; unload them first (peft's merge_and_unload "
+                           "or unload) or load the PEFT adapter with dorakit instead.")
+    chosen = _select(model, cfg)
+    _check_not_tied(model, chosen)
+    wrappers: dict[str, AdapterLayer] = {}
+    for name, variant in chosen.items():  # build all first: an error leaves the model untouched
+        base = model.get_submodule(name)
+        rank, alpha = cfg.rank_alpha_for(name)
+        try:
+            wrappers[name] = adapter_class(base)(  # type: ignore[misc]
+                base, variant, rank, alpha, use_rslora=cfg.use_rslora,
+                dropout=cfg.dropout if variant != "magnitude" else 0.0, init=cfg.init, norm_grad=cfg.norm_grad)
+        except ValueError as e:
+            raise ValueError(f"module {name!r}: {e}") from None
+    for param in model.parameters():
+        param.requires_grad_(False)
+    report = []
+    for name, wrapper in wrappers.items():
+        _set_child(model, name, wrapper)
+        for p in (wrapper.lora_A, wrapper.lora_B, getattr(wrapper, "magnitude", None)):
+            if p is not None:
+                p.requires_grad_(True)
+        out_f, in_f = wrapper.weight_2d().shape
+        report.append(WrappedModule(name, type(wrapper.base_layer).__name__, wrapper.variant, wrapper.rank,
+                                    wrapper.alpha, (out_f, in_f)))
+    _unfreeze_extras(model, cfg, list(wrappers))
+    return InjectionReport(tuple(report))
+
+
+def _unfreeze_extras(model: nn.Module, cfg: AdapterConfig, wrapped: list[str]) -> None:
+    if cfg.bias == "all":
+        for name, param in model.named_parameters():
+            if name.rpartition(".")[2] == "bias":
+                param.requires_grad_(True)
+    elif cfg.bias == "lora_only":
+        for name in wrapped:
+            bias = getattr(model.get_submodule(name).base_layer, "bias", None)
+            if bias is not None:
+                bias.requires_grad_(True)
+    if cfg.modules_to_save:
+        names = [n for n, _ in model.named_modules() if n]
+        for name in _match_list(cfg.modules_to_save, names, "modules_to_save", "lora"):
+            for param in model.get_submodule(name).parameters():
+                param.requires_grad_(True)
+
+
+def _set_child(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def _require_adapters(model: nn.Module) -> list[tuple[str, AdapterLayer]]:
+    layers = list(adapter_layers(model))
+    if not layers:
+        raise RuntimeError("the model has no dorakit adapters; call dk.apply_adapters(model, cfg) first.")
+    return layers
+
+
+def merge_adapters(model: nn.Module) -> None:
+    """Fold every adapter into its base weight (zero inference overhead). Raises if any is merged."""
+    layers = _require_adapters(model)
+    merged = [n for n, layer in layers if layer.merged]
+    if merged:
+        raise RuntimeError(f"{len(merged)} adapters are already merged (e.g. {merged[0]!r}); merging twice would "
+                           "apply the update twice. Call dk.unmerge_adapters(model) first.")
+    for _, layer in layers:
+        layer.merge()
+
+
+def unmerge_adapters(model: nn.Module) -> None:
+    """Restore every base weight to W0 (to float rounding). Raises if any adapter is not merged."""
+    layers = _require_adapters(model)
+    unmerged = [n for n, layer in layers if not layer.merged]
+    if unmerged:
+        raise RuntimeError(f"{len(unmerged)} adapters are not merged (e.g. {unmerged[0]!r}); nothing to unmerge.")
+    for _, layer in layers:
+        layer.unmerge()
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Merge every adapter and put the plain base modules back; returns ``model``.
+
+    The result has no dorakit modules: plain nn.Linear etc. whose weights are W'. Parameters keep
+    the requires_grad they had under the adapters (the base stays frozen).
+    """
+    for name, layer in _require_adapters(model):
+        if not layer.merged:
+            layer.merge()
+        _set_child(model, name, layer.base_layer)
+    return model
+
+
+def remove_adapters(model: nn.Module) -> nn.Module:
+    """Undo apply_adapters without merging: the original modules with W0 come back; returns ``model``.
+
+    Raises if an adapter is merged (unmerge first, or use merge_and_unload to keep the update).
+    """
+    layers = _require_adapters(model)
+    merged = [n for n, layer in layers if layer.merged]
+    if merged:
+        raise RuntimeError(f"{merged[0]!r} is merged; call dk.unmerge_adapters(model) first, or "
+                           "dk.merge_and_unload(model) to keep the adaptation.")
+    for name, layer in layers:
+        _set_child(model, name, layer.base_layer)
+    return model
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """Within the block, every unmerged adapter is bypassed (the base model's output)."""
+    layers = [layer for _, layer in _require_adapters(model)]
+    merged = [n for n, layer in _require_adapters(model) if layer.merged]
+    if merged:
+        raise RuntimeError(f"{merged[0]!r} is merged, so its update is in the weights and cannot be bypassed; "
+                           "call dk.unmerge_adapters(model) first.")
+    previous = [layer.disabled for layer in layers]
+    for layer in layers:
+        layer.disabled = True
+    try:
+        yield
+    finally:
+        for layer, was in zip(layers, previous):
+            layer.disabled = was

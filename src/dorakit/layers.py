@@ -1,0 +1,342 @@
+"""nn.Modules that wrap a frozen base layer with a LoRA, DoRA or magnitude-only adapter.
+
+Each wrapper *holds* its base module (``self.base_layer``) and adds ``lora_A`` / ``lora_B``
+(LoRA, DoRA) and ``magnitude`` (DoRA, magnitude-only). The math is in ``functional``; a wrapper
+only says how its base layer maps to the (out, in) view and how to run the two products
+x W0ᵀ and x Aᵀ Bᵀ in the layer's own layout.
+
+Dropout (PEFT-exact): with dropout active, DoRA computes
+``y = x W0ᵀ + (g − 1) ⊙ x̃ W0ᵀ + g ⊙ s·x̃ Aᵀ Bᵀ + b`` with x̃ = dropout(x) and g = m / ||W0 + sBA||_c,
+which is what PEFT does: the clean base output is kept and only the adapter's correction sees the
+dropped input (at the cost of a second base product while training). Without dropout, or in eval
+mode, this is exactly ``y = g ⊙ (x W0ᵀ + s·x Aᵀ Bᵀ) + b``. Embeddings take no dropout (as in PEFT).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .functional import (
+    accumulation_dtype,
+    add_bias,
+    dora_combine,
+    dora_combine_dropout,
+    dora_merged_weight,
+    dora_norm,
+    dora_unmerged_weight,
+    lora_delta,
+    lora_scaling,
+    row_norm_sq,
+    safe_sqrt,
+)
+
+Variant = Literal["lora", "dora", "magnitude"]
+VARIANTS: tuple[Variant, ...] = ("lora", "dora", "magnitude")
+
+
+class AdapterStateError(RuntimeError):
+    """An operation that does not fit the adapter's state (merging twice, unmerging unmerged)."""
+
+
+def adapter_dtype(weight: Tensor) -> torch.dtype:
+    """Adapters train in float32 over a half-precision base (PEFT's default); else in W0's dtype."""
+    if not weight.is_floating_point():
+        raise TypeError(f"the base weight has dtype {weight.dtype}; dorakit adapts floating-point weights only "
+                        "(4-bit bases are a separate feature).")
+    return torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+
+
+class AdapterLayer(nn.Module):
+    """Base of all wrappers. Subclasses define the layout hooks below."""
+
+    channel_dim: int = -1
+    """Dimension of the output that holds the out-features (1 for convolutions)."""
+    supports_dropout: bool = True
+
+    def __init__(self, base_layer: nn.Module, variant: Variant = "dora", rank: int = 8, alpha: float = 16.0, *,
+                 use_rslora: bool = False, dropout: float = 0.0, init: str = "kaiming",
+                 norm_grad: str = "detach") -> None:
+        super().__init__()
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}.")
+        if norm_grad not in ("detach", "exact"):
+            raise ValueError(f"norm_grad must be 'detach' or 'exact', got {norm_grad!r}.")
+        self.base_layer = base_layer
+        self.variant: Variant = variant
+        self.norm_grad = norm_grad
+        self.merged = False
+        self.disabled = False
+        weight = base_layer.weight
+        dtype = adapter_dtype(weight)
+        out_features, in_features = self.weight_2d().shape
+        self.rank = 0 if variant == "magnitude" else rank
+        self.alpha = float(alpha)
+        self.use_rslora = use_rslora
+        self.scaling = 0.0 if variant == "magnitude" else lora_scaling(alpha, rank, use_rslora)
+        if variant != "magnitude":
+            if isinstance(rank, bool) or not isinstance(rank, int) or not 0 < rank <= min(out_features, in_features):
+                raise ValueError(f"rank must be an integer in [1, min(out, in)] = [1, {min(out_features, in_features)}]"
+                                 f" for this {type(base_layer).__name__} of (out, in) = ({out_features}, "
+                                 f"{in_features}), got {rank!r}; choose a smaller rank or leave this module out.")
+            if not math.isfinite(alpha) or alpha <= 0:
+                raise ValueError(f"alpha must be a positive finite number, got {alpha!r}.")
+            kw = {"device": weight.device, "dtype": dtype}
+            self.lora_A = nn.Parameter(torch.empty(self._lora_A_shape(self.rank), **kw))
+            self.lora_B = nn.Parameter(torch.empty(self._lora_B_shape(self.rank), **kw))
+            self.reset_lora_parameters(init)
+        else:
+            self.register_parameter("lora_A", None)
+            self.register_parameter("lora_B", None)
+        if dropout > 0 and not self.supports_dropout and variant != "magnitude":
+            raise ValueError(f"dropout={dropout} is not applied to {type(base_layer).__name__} adapters (as in PEFT); "
+                             "leave this module out of targets or set dropout=0.")
+        self.lora_dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        # ||w_n||² of the frozen W0, float32, cached; recomputed if W0 changes in place (see _weight_sq).
+        self.register_buffer("weight_sq", row_norm_sq(self.weight_2d()).detach(), persistent=False)
+        self._weight_sq_version = weight._version
+        self.register_buffer("merge_norm", None, persistent=False)  # ||W0 + sBA||_c used by the last merge
+        if variant != "lora":
+            with torch.no_grad():
+                self.magnitude = nn.Parameter(self._norm(grad=False).to(dtype))
+
+    # ---- layout hooks (subclasses) -------------------------------------------------------------
+    def _lora_A_shape(self, rank: int) -> tuple[int, ...]:
+        return (rank, self.weight_2d().shape[1])
+
+    def _lora_B_shape(self, rank: int) -> tuple[int, ...]:
+        return (self.weight_2d().shape[0], rank)
+
+    def weight_2d(self) -> Tensor:
+        """W0 as an (out, in) view."""
+        return self.base_layer.weight
+
+    def _weight_from_2d(self, w2d: Tensor) -> Tensor:
+        """Inverse of weight_2d: an (out, in) tensor in the base weight's own layout."""
+        return w2d
+
+    def _base(self, x: Tensor) -> Tensor:
+        """x W0ᵀ without the bias, in the layer's output layout."""
+        return F.linear(x, self.base_layer.weight)
+
+    def _lora(self, x: Tensor) -> Tensor:
+        """x Aᵀ Bᵀ, unscaled, in the layer's output layout and the adapter dtype."""
+        return F.linear(F.linear(x.to(self.lora_A.dtype), self.lora_A), self.lora_B)
+
+    def reset_lora_parameters(self, init: str) -> None:
+        """A: Kaiming-uniform (a=sqrt(5), nn.Linear's default) or N(0, 1/r); B: zeros, so ΔW = 0 at init."""
+        if init == "kaiming":
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        elif init == "gaussian":
+            nn.init.normal_(self.lora_A, std=1 / self.rank)
+        else:
+            raise ValueError(f"init must be 'kaiming' or 'gaussian', got {init!r}.")
+        nn.init.zeros_(self.lora_B)
+
+    # ---- shared math ---------------------------------------------------------------------------
+    def lora_A_2d(self) -> Tensor | None:
+        """A as (r, in)."""
+        return None if self.lora_A is None else self.lora_A.flatten(1)
+
+    def lora_B_2d(self) -> Tensor | None:
+        """B as (out, r)."""
+        return None if self.lora_B is None else self.lora_B.flatten(1)
+
+    def _weight_sq(self) -> Tensor:
+        """Cached ||w_n||² (float32); recomputed when W0 was changed in place or moved."""
+        weight = self.base_layer.weight
+        cached = self.weight_sq
+        if (weight._version != self._weight_sq_version or cached.device != weight.device
+                or cached.dtype != accumulation_dtype(weight)):
+            with torch.no_grad():
+                self.weight_sq = row_norm_sq(self.weight_2d())
+            self._weight_sq_version = weight._version
+        return self.weight_sq
+
+    def _norm(self, grad: bool) -> Tensor:
+        """||W0 + sBA||_c, (out,), factored; ||W0||_c for magnitude-only."""
+        weight_sq = self._weight_sq()
+        if self.variant == "magnitude":
+            return safe_sqrt(weight_sq)
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+            return dora_norm(self.weight_2d(), self.lora_A_2d(), self.lora_B_2d(), self.scaling, weight_sq)
+
+    def dora_scale(self) -> Tensor:
+        """g = m / ||W0 + sBA||_c, (out,), float32; the norm is a constant in backward unless norm_grad="exact"."""
+        norm = self._norm(grad=self.norm_grad == "exact")
+        return self.magnitude.to(norm.dtype) / norm
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.merged or self.disabled:
+            return self.base_layer(x)
+        if self.variant == "lora":
+            y = self.base_layer(x)
+            return (y + self.scaling * self._lora(self.lora_dropout(x))).to(y.dtype)
+        scale = self.dora_scale()
+        base = self._base(x)
+        if self.variant == "magnitude":
+            y = dora_combine(base, None, scale, 0.0, self.channel_dim)
+        elif self.training and isinstance(self.lora_dropout, nn.Dropout):
+            x_dropped = self.lora_dropout(x)
+            y = dora_combine_dropout(base, self._base(x_dropped), self._lora(x_dropped), scale, self.scaling,
+                                     self.channel_dim)
+        else:
+            y = dora_combine(base, self._lora(x), scale, self.scaling, self.channel_dim)
+        return add_bias(y, getattr(self.base_layer, "bias", None), self.channel_dim).to(base.dtype)
+
+    # ---- merge / unmerge -----------------------------------------------------------------------
+    def adapted_weight_2d(self) -> Tensor:
+        """The dense adapted weight W' as (out, in), in W0's dtype, without touching the model."""
+        w2d = self.weight_2d()
+        if self.merged:
+            return w2d.detach().clone()
+        with torch.no_grad():
+            if self.variant == "lora":
+                acc = accumulation_dtype(w2d)
+                return (w2d.to(acc) + lora_delta(self.lora_A_2d(), self.lora_B_2d(), self.scaling, acc)).to(w2d.dtype)
+            return dora_merged_weight(w2d, self.lora_A_2d(), self.lora_B_2d(), self.magnitude, self.scaling)[0]
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the adapter into W0 in place: W0 <- W' (bias untouched). Raises if already merged."""
+        if self.merged:
+            raise AdapterStateError("this adapter is already merged; call unmerge() first (merging twice would "
+                                    "apply the update twice).")
+        w2d = self.weight_2d()
+        if self.variant == "lora":
+            acc = accumulation_dtype(w2d)
+            new = (w2d.to(acc) + lora_delta(self.lora_A_2d(), self.lora_B_2d(), self.scaling, acc)).to(w2d.dtype)
+        else:
+            new, self.merge_norm = dora_merged_weight(w2d, self.lora_A_2d(), self.lora_B_2d(), self.magnitude,
+                                                      self.scaling)
+        self.base_layer.weight.copy_(self._weight_from_2d(new))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Restore W0 from the merged weight (to float rounding). Raises if not merged."""
+        if not self.merged:
+            raise AdapterStateError("this adapter is not merged; there is nothing to unmerge.")
+        w2d = self.weight_2d()
+        if self.variant == "lora":
+            acc = accumulation_dtype(w2d)
+            old = (w2d.to(acc) - lora_delta(self.lora_A_2d(), self.lora_B_2d(), self.scaling, acc)).to(w2d.dtype)
+        else:
+            if bool((self.magnitude == 0).any()):
+                raise AdapterStateError("the magnitude has zero entries, so W0 cannot be recovered from the merged "
+                                        "weight; reload the base model instead.")
+            old = dora_unmerged_weight(w2d, self.lora_A_2d(), self.lora_B_2d(), self.magnitude, self.merge_norm,
+                                       self.scaling)
+            self.merge_norm = None
+        self.base_layer.weight.copy_(self._weight_from_2d(old))
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        if self.variant == "magnitude":
+            return f"variant=magnitude, merged={self.merged}"
+        return (f"variant={self.variant}, rank={self.rank}, alpha={self.alpha:g}, scaling={self.scaling:g}, "
+                f"norm_grad={self.norm_grad}, merged={self.merged}")
+
+
+class LinearAdapter(AdapterLayer):
+    """Adapter around ``nn.Linear``: W0 (out, in), y = x W'ᵀ + b."""
+
+
+class Conv1DAdapter(AdapterLayer):
+    """Adapter around transformers' ``Conv1D`` (GPT-2): its weight is stored (in, out), y = x W + b."""
+
+    def weight_2d(self) -> Tensor:
+        return self.base_layer.weight.T
+
+    def _weight_from_2d(self, w2d: Tensor) -> Tensor:
+        return w2d.T
+
+    def _base(self, x: Tensor) -> Tensor:
+        return x @ self.base_layer.weight
+
+
+class ConvAdapter(AdapterLayer):
+    """Adapter around ``nn.Conv1d/2d/3d`` (groups = 1): W0 (out, in, *k) viewed as (out, in·k).
+
+    A is a convolution with the base's kernel, stride, padding and dilation (r, in, *k); B is a
+    1×…×1 convolution (out, r, 1, …); the magnitude is per output channel (norm over in×kernel).
+    """
+
+    channel_dim = 1
+
+    def __init__(self, base_layer: nn.Module, *args: object, **kwargs: object) -> None:
+        if base_layer.groups != 1:
+            raise ValueError(f"{type(base_layer).__name__} with groups={base_layer.groups} is not supported "
+                             "(only groups=1); leave this module out of targets.")
+        if base_layer.padding_mode != "zeros":
+            raise ValueError(f"{type(base_layer).__name__} with padding_mode={base_layer.padding_mode!r} is not "
+                             "supported (only 'zeros'); leave this module out of targets.")
+        super().__init__(base_layer, *args, **kwargs)
+
+    @property
+    def _conv(self):  # noqa: ANN202 - one of F.conv1d / conv2d / conv3d
+        return (F.conv1d, F.conv2d, F.conv3d)[self.base_layer.weight.dim() - 3]
+
+    def _lora_A_shape(self, rank: int) -> tuple[int, ...]:
+        return (rank, *self.base_layer.weight.shape[1:])
+
+    def _lora_B_shape(self, rank: int) -> tuple[int, ...]:
+        return (self.base_layer.weight.shape[0], rank) + (1,) * (self.base_layer.weight.dim() - 2)
+
+    def weight_2d(self) -> Tensor:
+        return self.base_layer.weight.flatten(1)
+
+    def _weight_from_2d(self, w2d: Tensor) -> Tensor:
+        return w2d.view(self.base_layer.weight.shape)
+
+    def _base(self, x: Tensor) -> Tensor:
+        conv = self.base_layer
+        return self._conv(x, conv.weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+    def _lora(self, x: Tensor) -> Tensor:
+        conv = self.base_layer
+        h = self._conv(x.to(self.lora_A.dtype), self.lora_A, None, conv.stride, conv.padding, conv.dilation)
+        return self._conv(h, self.lora_B)
+
+
+class EmbeddingAdapter(AdapterLayer):
+    """Adapter around ``nn.Embedding``, following PEFT's convention so adapters interoperate.
+
+    The table E (vocab, dim) acts as a linear map from one-hot tokens, so its (out, in) view is
+    Eᵀ (dim, vocab): A is (r, vocab), B is (dim, r), and the magnitude has one entry per embedding
+    dimension (the norm over the vocabulary). Init as PEFT: A = 0, B ~ N(0, 1). No dropout.
+    """
+
+    supports_dropout = False
+
+    def __init__(self, base_layer: nn.Module, *args: object, **kwargs: object) -> None:
+        if base_layer.max_norm is not None:
+            raise ValueError("nn.Embedding with max_norm renormalises its table in place on every forward, which "
+                             "would change W0 under the adapter; not supported. Leave this module out of targets.")
+        super().__init__(base_layer, *args, **kwargs)
+
+    def weight_2d(self) -> Tensor:
+        return self.base_layer.weight.T
+
+    def _weight_from_2d(self, w2d: Tensor) -> Tensor:
+        return w2d.T
+
+    def _embed(self, x: Tensor, table: Tensor) -> Tensor:
+        emb = self.base_layer
+        return F.embedding(x, table, emb.padding_idx, None, emb.norm_type, emb.scale_grad_by_freq, emb.sparse)
+
+    def _base(self, x: Tensor) -> Tensor:
+        return self._embed(x, self.base_layer.weight)
+
+    def _lora(self, x: Tensor) -> Tensor:
+        return self._embed(x, self.lora_A.T) @ self.lora_B.T
+
+    def reset_lora_parameters(self, init: str) -> None:
+        if init not in ("kaiming", "gaussian"):
+            raise ValueError(f"init must be 'kaiming' or 'gaussian', got {init!r}.")
+        nn.init.zeros_(self.lora_A)
+        nn.init.normal_(self.lora_B)
