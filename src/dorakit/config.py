@@ -86,7 +86,7 @@ class AdapterConfig:
     use_rslora: bool = False
     """Rank-stabilised scaling s = alpha / sqrt(r) (Kalajdzievski 2023)."""
     init: str = "kaiming"
-    """A's init: "kaiming" (Kaiming-uniform, a=sqrt(5), as nn.Linear) or "gaussian" (N(0, 1/r)). B = 0."""
+    """A's init: "kaiming" (Kaiming-uniform, a=sqrt(5), as nn.Linear) or "gaussian" (normal, std 1/r). B = 0."""
     norm_grad: str = "detach"
     """DoRA only. "detach": ||W0 + sBA||_c is a constant in backward (paper §4.3, less memory);
     "exact": gradients flow through the norm."""

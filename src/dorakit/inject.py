@@ -159,7 +159,7 @@ def _close(pattern: str, names: list[str]) -> str:
     bare = pattern.removeprefix("re:").rpartition(".")[2]
     close = difflib.get_close_matches(bare, leaves, n=5, cutoff=0.5)
     if not close:
-        close = [leaf for leaf in leaves if not leaf.isdigit()][:12]
+        close = [leaf for leaf in leaves if not leaf.isdigit()][:12] or leaves[:12]
         return f" Module names in this model end in: {close}."
     return f" Close module names: {close}."
 
@@ -199,6 +199,13 @@ def apply_adapters(model: nn.Module, cfg: AdapterConfig) -> InjectionReport:
                            "or unload) or load the PEFT adapter with dorakit instead.")
     chosen = _select(model, cfg)
     _check_not_tied(model, chosen)
+    all_names = [n for n, _ in model.named_modules() if n]
+    to_save = list(_match_list(cfg.modules_to_save, all_names, "modules_to_save", "lora"))
+    for name in to_save:
+        inside = [t for t in chosen if t == name or t.startswith(name + ".")]
+        if inside:
+            raise TargetError(f"modules_to_save {name!r} is or contains adapted modules ({inside[:3]}); a module is "
+                              "either adapted or trained in full. Narrow one of the two patterns.")
     wrappers: dict[str, AdapterLayer] = {}
     for name, variant in chosen.items():  # build all first: an error leaves the model untouched
         base = model.get_submodule(name)
@@ -220,11 +227,11 @@ def apply_adapters(model: nn.Module, cfg: AdapterConfig) -> InjectionReport:
         out_f, in_f = wrapper.weight_2d().shape
         report.append(WrappedModule(name, type(wrapper.base_layer).__name__, wrapper.variant, wrapper.rank,
                                     wrapper.alpha, (out_f, in_f)))
-    _unfreeze_extras(model, cfg, list(wrappers))
+    _unfreeze_extras(model, cfg, list(wrappers), to_save)
     return InjectionReport(tuple(report))
 
 
-def _unfreeze_extras(model: nn.Module, cfg: AdapterConfig, wrapped: list[str]) -> None:
+def _unfreeze_extras(model: nn.Module, cfg: AdapterConfig, wrapped: list[str], to_save: list[str]) -> None:
     if cfg.bias == "all":
         for name, param in model.named_parameters():
             if name.rpartition(".")[2] == "bias":
@@ -234,11 +241,9 @@ def _unfreeze_extras(model: nn.Module, cfg: AdapterConfig, wrapped: list[str]) -
             bias = getattr(model.get_submodule(name).base_layer, "bias", None)
             if bias is not None:
                 bias.requires_grad_(True)
-    if cfg.modules_to_save:
-        names = [n for n, _ in model.named_modules() if n]
-        for name in _match_list(cfg.modules_to_save, names, "modules_to_save", "lora"):
-            for param in model.get_submodule(name).parameters():
-                param.requires_grad_(True)
+    for name in to_save:
+        for param in model.get_submodule(name).parameters():
+            param.requires_grad_(True)
 
 
 def _set_child(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -74,10 +74,6 @@ class AdapterLayer(nn.Module):
         weight = base_layer.weight
         dtype = adapter_dtype(weight)
         out_features, in_features = self.weight_2d().shape
-        self.rank = 0 if variant == "magnitude" else rank
-        self.alpha = float(alpha)
-        self.use_rslora = use_rslora
-        self.scaling = 0.0 if variant == "magnitude" else lora_scaling(alpha, rank, use_rslora)
         if variant != "magnitude":
             if isinstance(rank, bool) or not isinstance(rank, int) or not 0 < rank <= min(out_features, in_features):
                 raise ValueError(f"rank must be an integer in [1, min(out, in)] = [1, {min(out_features, in_features)}]"
@@ -85,6 +81,11 @@ class AdapterLayer(nn.Module):
                                  f"{in_features}), got {rank!r}; choose a smaller rank or leave this module out.")
             if not math.isfinite(alpha) or alpha <= 0:
                 raise ValueError(f"alpha must be a positive finite number, got {alpha!r}.")
+        self.rank = 0 if variant == "magnitude" else rank
+        self.alpha = float(alpha)
+        self.use_rslora = use_rslora
+        self.scaling = 0.0 if variant == "magnitude" else lora_scaling(alpha, rank, use_rslora)
+        if variant != "magnitude":
             kw = {"device": weight.device, "dtype": dtype}
             self.lora_A = nn.Parameter(torch.empty(self._lora_A_shape(self.rank), **kw))
             self.lora_B = nn.Parameter(torch.empty(self._lora_B_shape(self.rank), **kw))
@@ -97,8 +98,8 @@ class AdapterLayer(nn.Module):
                              "leave this module out of targets or set dropout=0.")
         self.lora_dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         # ||w_n||² of the frozen W0, float32, cached; recomputed if W0 changes in place (see _weight_sq).
-        self.register_buffer("weight_sq", row_norm_sq(self.weight_2d()).detach(), persistent=False)
-        self._weight_sq_version = weight._version
+        self.register_buffer("weight_sq", torch.empty(0), persistent=False)
+        self.refresh_weight_cache()
         self.register_buffer("merge_norm", None, persistent=False)  # ||W0 + sBA||_c used by the last merge
         if variant != "lora":
             with torch.no_grad():
@@ -146,16 +147,26 @@ class AdapterLayer(nn.Module):
         """B as (out, r)."""
         return None if self.lora_B is None else self.lora_B.flatten(1)
 
+    @staticmethod
+    def _cache_key(weight: Tensor) -> tuple[int, torch.dtype, torch.device, int]:
+        return (weight._version, weight.dtype, weight.device, weight.data_ptr())
+
     def _weight_sq(self) -> Tensor:
-        """Cached ||w_n||² (float32); recomputed when W0 was changed in place or moved."""
-        weight = self.base_layer.weight
-        cached = self.weight_sq
-        if (weight._version != self._weight_sq_version or cached.device != weight.device
-                or cached.dtype != accumulation_dtype(weight)):
-            with torch.no_grad():
-                self.weight_sq = row_norm_sq(self.weight_2d())
-            self._weight_sq_version = weight._version
+        """Cached ||w_n||² (float32); recomputed when W0 was changed in place, replaced, moved or cast.
+
+        Two kinds of change cannot be seen and need refresh_weight_cache(): a write through
+        ``weight.data`` (it bypasses the version counter autograd keeps), and any change of W0 while
+        running under torch.compile (reading the version counter there would break the graph).
+        """
+        if not torch.compiler.is_compiling() and self._cache_key(self.base_layer.weight) != self._weight_sq_key:
+            self.refresh_weight_cache()
         return self.weight_sq
+
+    @torch.no_grad()
+    def refresh_weight_cache(self) -> None:
+        """Recompute the cached ||w_n||² of W0 (float32; float64 for a float64 W0)."""
+        self.weight_sq = row_norm_sq(self.weight_2d())
+        self._weight_sq_key = self._cache_key(self.base_layer.weight)
 
     def _norm(self, grad: bool) -> Tensor:
         """||W0 + sBA||_c, (out,), factored; ||W0||_c for magnitude-only."""
