@@ -1,10 +1,9 @@
 """Shared fixtures: tiny transformers models built from configs (no hub access), fp32, eval mode.
 
-transformers is imported lazily, inside the builders, so test files that need no model collect fast.
-
 Every model is small enough that building it and running a forward takes milliseconds on a CPU:
 hidden size 32, 2 layers, a 64-token vocabulary. Each comes with a fixed input batch and a
 ``run`` function that returns one float tensor, so tests compare outputs with one ``assert_close``.
+transformers is imported inside the builders, so test files that need no model collect fast.
 """
 
 from __future__ import annotations
@@ -23,12 +22,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may touch the hub
 
 import dorakit as dk  # noqa: E402
 
+# The CPU suite runs on tiny tensors, where intra-op threads only add synchronisation; on a busy
+# 2-core runner two spinning OpenMP threads made it >4x slower. An explicit OMP_NUM_THREADS wins.
+if "OMP_NUM_THREADS" not in os.environ:
+    torch.set_num_threads(1)
+
 VOCAB = 64
 HIDDEN = 32
 LAYERS = 2
 HEADS = 4
 FFN = 48
-KINDS = ("llama", "bert", "vit", "whisper", "gpt2")
 
 
 @dataclass
@@ -94,8 +97,9 @@ def _whisper() -> Tiny:
 
     cfg = transformers.WhisperConfig(
         vocab_size=VOCAB, d_model=HIDDEN, encoder_layers=LAYERS, decoder_layers=LAYERS,
-        encoder_attention_heads=HEADS, decoder_attention_heads=HEADS, encoder_ffn_dim=FFN, decoder_ffn_dim=FFN,
-        num_mel_bins=8, max_source_positions=16, max_target_positions=16, num_labels=3, classifier_proj_size=16,
+        encoder_attention_heads=HEADS, decoder_attention_heads=HEADS, encoder_ffn_dim=FFN,
+        decoder_ffn_dim=FFN, num_mel_bins=8, max_source_positions=16, max_target_positions=16, num_labels=3,
+        classifier_proj_size=16,
         bos_token_id=0, eos_token_id=1, pad_token_id=2, decoder_start_token_id=3, begin_suppress_tokens=None,
         suppress_tokens=None)
     model = transformers.WhisperForAudioClassification(cfg)

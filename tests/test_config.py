@@ -15,7 +15,8 @@ from dorakit.config import ConfigError
 def test_defaults_are_valid_and_documented_values() -> None:
     cfg = dk.AdapterConfig()
     assert (cfg.method, cfg.rank, cfg.alpha, cfg.targets) == ("dora", 8, 16.0, "all-linear")
-    assert (cfg.dropout, cfg.use_rslora, cfg.init, cfg.norm_grad, cfg.bias) == (0.0, False, "kaiming", "detach", "none")
+    assert (cfg.dropout, cfg.use_rslora, cfg.init, cfg.norm_grad, cfg.bias) == (
+        0.0, False, "kaiming", "detach", "none")
     assert cfg.magnitude_only == () and cfg.modules_to_save == ()
     assert dict(cfg.rank_pattern) == {} and dict(cfg.alpha_pattern) == {}
 
@@ -103,7 +104,8 @@ def test_valid_configs_construct(kwargs: dict[str, object]) -> None:
 
 
 def test_lists_become_tuples_and_equal_configs_compare_equal() -> None:
-    cfg = dk.AdapterConfig(targets=["q_proj", "v_proj"], magnitude_only=["o_proj"], modules_to_save=["lm_head"])
+    cfg = dk.AdapterConfig(targets=["q_proj", "v_proj"], magnitude_only=["o_proj"],
+                           modules_to_save=["lm_head"])
     assert cfg.targets == ("q_proj", "v_proj") and type(cfg.targets) is tuple
     assert cfg.magnitude_only == ("o_proj",) and type(cfg.magnitude_only) is tuple
     assert cfg.modules_to_save == ("lm_head",) and type(cfg.modules_to_save) is tuple
@@ -188,12 +190,14 @@ def test_rank_alpha_for_examples() -> None:
     assert cfg.rank_alpha_for("model.layers.0.self_attn.q_proj") == (4, 16.0)
     assert cfg.rank_alpha_for("model.layers.1.self_attn.q_proj") == (2, 16.0)
     assert cfg.rank_alpha_for("model.layers.1.self_attn.v_proj") == (8, 3.0)
-    assert cfg.rank_alpha_for("model.layers.1.self_attn.xq_proj") == (8, 16.0)  # "q_proj" is not a suffix of "xq_proj"
+    # "q_proj" is not a dotted suffix of "xq_proj".
+    assert cfg.rank_alpha_for("model.layers.1.self_attn.xq_proj") == (8, 16.0)
     assert cfg.rank_alpha_for("lm_head") == (8, 16.0)
 
 
 def test_rank_alpha_for_agrees_with_peft_get_pattern_key() -> None:
-    get_pattern_key = pytest.importorskip("peft.utils.other").get_pattern_key
+    from peft.utils.other import get_pattern_key
+
     rank_pattern = {r"layers\.1\..*": 3, "q_proj": 5, "down_proj": 2, "layers.0.self_attn.v_proj": 7}
     cfg = dk.AdapterConfig(rank=8, rank_pattern=rank_pattern)
     for name in NAMES:

@@ -22,16 +22,6 @@ U_FP32 = 2.0**-24
 SHAPES = [(7, 13, 3), (13, 7, 3), (5, 29, 5), (1, 6, 1), (11, 4, 4)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: intra-op threads only add synchronisation (and on a loaded 2-core
-    machine, heavy contention). Run this module single-threaded and restore the setting after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 

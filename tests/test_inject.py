@@ -120,7 +120,8 @@ def test_all_linear_wraps_every_linear_but_the_output_head(make_tiny: Callable, 
 def test_report_lists_variants_types_and_shapes_in_model_order(whisper) -> None:
     cfg = dk.AdapterConfig(targets=["v_proj", "conv1", "conv2"], magnitude_only=["q_proj"], rank=4, alpha=8)
     report = dk.apply_adapters(whisper.model, cfg)
-    expected = [("encoder.conv1", "Conv1d", "dora", (32, 8 * 3)), ("encoder.conv2", "Conv1d", "dora", (32, 32 * 3))]
+    expected = [("encoder.conv1", "Conv1d", "dora", (32, 8 * 3)),     # (out, in · kernel)
+                ("encoder.conv2", "Conv1d", "dora", (32, 32 * 3))]
     for i in range(2):
         # WhisperAttention registers k_proj, v_proj, q_proj in that order.
         expected += [(f"encoder.layers.{i}.self_attn.v_proj", "Linear", "dora", (32, 32)),
@@ -138,7 +139,8 @@ def test_report_lists_variants_types_and_shapes_in_model_order(whisper) -> None:
 
 @pytest.mark.parametrize("method", ["lora", "dora"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_output_unchanged_at_init_and_only_adapters_train(make_tiny: Callable, kind: str, method: str) -> None:
+def test_output_unchanged_at_init_and_only_adapters_train(make_tiny: Callable, kind: str,
+                                                          method: str) -> None:
     tiny = make_tiny(kind)
     before = tiny.run()
     report = dk.apply_adapters(tiny.model, dk.AdapterConfig(method=method, targets=TARGETS[kind], rank=4))
@@ -160,7 +162,8 @@ def test_vit_patch_projection_conv2d(make_tiny: Callable, perturb, method: str) 
     """ViT's forward reads ``patch_embeddings.projection.weight.dtype``; a wrapped Conv2d must still run."""
     tiny = make_tiny("vit")
     before = tiny.run()
-    report = dk.apply_adapters(tiny.model, dk.AdapterConfig(method=method, targets=["projection", "q_proj"], rank=4))
+    cfg = dk.AdapterConfig(method=method, targets=["projection", "q_proj"], rank=4)
+    report = dk.apply_adapters(tiny.model, cfg)
     assert report.wrapped[0].base_type == "Conv2d" and report.wrapped[0].shape == (32, 3 * 8 * 8)
     assert isinstance(tiny.model.embeddings.patch_embeddings.projection, ConvAdapter)
     assert _max_diff(tiny.run(), before) <= INIT_ATOL
@@ -214,7 +217,8 @@ def test_overlapping_targets_and_magnitude_only_raise(llama, model_snapshot) -> 
 @pytest.mark.parametrize("bias", ["none", "all", "lora_only"])
 def test_bias_modes(bert, bias: str) -> None:
     dk.apply_adapters(bert.model, dk.AdapterConfig(targets=["query", "value"], bias=bias, rank=4))
-    trainable_biases = sorted(n for n, p in bert.model.named_parameters() if p.requires_grad and n.endswith("bias"))
+    trainable_biases = sorted(n for n, p in bert.model.named_parameters()
+                              if p.requires_grad and n.endswith("bias"))
     all_biases = sorted(n for n, _ in bert.model.named_parameters() if n.endswith("bias"))
     adapted = sorted(f"{n}.base_layer.bias" for n, _ in dk.adapter_layers(bert.model))
     expected = {"none": [], "all": all_biases, "lora_only": adapted}[bias]
@@ -270,15 +274,16 @@ def test_nothing_matches_suggests_close_names_and_leaves_model_untouched(llama, 
     with pytest.raises(dk.TargetError, match="q_proj") as info:
         dk.apply_adapters(llama.model, dk.AdapterConfig(targets=["qproj", "v_proj"]))
     assert "'qproj'" in str(info.value)
-    types, flags, state = model_snapshot(llama.model)
-    assert (types, flags) == before[:2]
+    assert model_snapshot(llama.model)[:2] == before[:2]
     assert not list(dk.adapter_layers(llama.model))
 
 
-@pytest.mark.parametrize("targets", [r"model\.layers\.\d+\.attn\.q_proj", ["re:.*\\.qproj"], ["layers.*.q_prj"]])
+@pytest.mark.parametrize("targets", [
+    r"model\.layers\.\d+\.attn\.q_proj", ["re:.*\\.qproj"], ["layers.*.q_prj"]])
 def test_regex_and_glob_that_match_nothing_raise(llama, targets: object) -> None:
-    with pytest.raises(dk.TargetError, match="matches no module"):
+    with pytest.raises(dk.TargetError):
         dk.apply_adapters(llama.model, dk.AdapterConfig(targets=targets))
+    assert not list(dk.adapter_layers(llama.model))
 
 
 @pytest.mark.parametrize(("kind", "targets", "type_name"), [
@@ -303,13 +308,14 @@ def test_unsupported_module_type_raises_naming_supported_types(make_tiny: Callab
 def test_applying_twice_raises(llama) -> None:
     dk.apply_adapters(llama.model, dk.AdapterConfig(targets=["q_proj"]))
     flags = {n: p.requires_grad for n, p in llama.model.named_parameters()}
-    with pytest.raises(RuntimeError, match="already has"):
+    with pytest.raises(RuntimeError, match="adapters"):
         dk.apply_adapters(llama.model, dk.AdapterConfig(targets=["v_proj"]))
     assert {n: p.requires_grad for n, p in llama.model.named_parameters()} == flags
     assert len(list(dk.adapter_layers(llama.model))) == 2
 
 
-def test_rank_above_min_dim_raises_naming_the_module_and_leaves_model_untouched(llama, model_snapshot) -> None:
+def test_rank_above_min_dim_raises_naming_the_module_and_leaves_model_untouched(llama,
+                                                                                model_snapshot) -> None:
     before = model_snapshot(llama.model)
     # k_proj is (16, 32) with 2 key/value heads of size 8: rank 20 > 16. q_proj (32, 32) comes first and fits.
     with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.k_proj"):
@@ -347,8 +353,10 @@ def test_untied_lm_head_can_be_targeted_explicitly(make_tiny: Callable) -> None:
     assert report.names == ["lm_head"]
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # transformers deprecation inside peft
 def test_model_with_peft_modules_raises(llama) -> None:
-    peft = pytest.importorskip("peft")
+    import peft
+
     peft_model = peft.get_peft_model(llama.model, peft.LoraConfig(r=4, target_modules=["q_proj"]))
     with pytest.raises(RuntimeError, match="PEFT"):
         dk.apply_adapters(peft_model, dk.AdapterConfig(targets=["v_proj"]))
@@ -360,23 +368,24 @@ def test_model_with_peft_modules_raises(llama) -> None:
 def test_state_errors(llama) -> None:
     model = llama.model
     for op in (dk.merge_adapters, dk.unmerge_adapters, dk.merge_and_unload, dk.remove_adapters):
-        with pytest.raises(RuntimeError, match="no dorakit adapters"):
+        with pytest.raises(RuntimeError, match="adapters"):
             op(model)
-    with pytest.raises(RuntimeError, match="no dorakit adapters"), dk.adapters_disabled(model):
+    with pytest.raises(RuntimeError, match="adapters"), dk.adapters_disabled(model):
         pass
     dk.apply_adapters(model, dk.AdapterConfig(targets=["q_proj"]))
     with pytest.raises(RuntimeError, match="not merged"):
         dk.unmerge_adapters(model)
     dk.merge_adapters(model)
     weights = [layer.base_layer.weight.clone() for _, layer in dk.adapter_layers(model)]
-    with pytest.raises(RuntimeError, match="already merged"):
+    with pytest.raises(RuntimeError, match="merged"):
         dk.merge_adapters(model)
     with pytest.raises(RuntimeError, match="merged"):
         dk.remove_adapters(model)
     with pytest.raises(RuntimeError, match="merged"), dk.adapters_disabled(model):
         pass
     # None of the refused operations changed a weight or unwrapped a module.
-    assert all(torch.equal(w, layer.base_layer.weight) for w, (_, layer) in zip(weights, dk.adapter_layers(model)))
+    layers = [layer for _, layer in dk.adapter_layers(model)]
+    assert all(torch.equal(w, layer.base_layer.weight) for w, layer in zip(weights, layers))
     assert all(layer.merged for _, layer in dk.adapter_layers(model))
     assert len(list(dk.adapter_layers(model))) == 2
 
@@ -392,8 +401,8 @@ def test_remove_adapters_restores_the_original_modules(make_tiny: Callable, pert
     tiny = make_tiny(kind)
     before = tiny.run()
     originals = dict(tiny.model.named_modules())
-    weights = {n: m.weight.detach().clone() for n, m in originals.items() if isinstance(getattr(m, "weight", None),
-                                                                                      torch.Tensor)}
+    weights = {n: m.weight.detach().clone() for n, m in originals.items()
+               if isinstance(getattr(m, "weight", None), torch.Tensor)}
     report = dk.apply_adapters(tiny.model, dk.AdapterConfig(targets=TARGETS[kind], rank=4))
     perturb(tiny.model)
     assert _max_diff(tiny.run(), before) > 1e-3
@@ -450,7 +459,8 @@ def test_merge_then_unmerge_restores_base_weights(make_tiny: Callable, perturb, 
 
 
 @pytest.mark.parametrize("kind", ["llama", "whisper", "gpt2"])
-def test_adapters_disabled_gives_the_base_output_and_restores(make_tiny: Callable, perturb, kind: str) -> None:
+def test_adapters_disabled_gives_the_base_output_and_restores(make_tiny: Callable, perturb,
+                                                              kind: str) -> None:
     tiny = make_tiny(kind)
     before = tiny.run()
     dk.apply_adapters(tiny.model, dk.AdapterConfig(targets=TARGETS[kind], rank=4))
@@ -458,7 +468,7 @@ def test_adapters_disabled_gives_the_base_output_and_restores(make_tiny: Callabl
     adapted = tiny.run()
     assert _max_diff(adapted, before) > 1e-3
     with dk.adapters_disabled(tiny.model):
-        torch.testing.assert_close(tiny.run(), before, rtol=0, atol=INIT_ATOL)
+        torch.testing.assert_close(tiny.run(), before, rtol=0, atol=0)  # the base modules' own forward
     torch.testing.assert_close(tiny.run(), adapted, rtol=0, atol=0)
     with pytest.raises(KeyError), dk.adapters_disabled(tiny.model):
         raise KeyError("an error inside the block")
@@ -494,7 +504,6 @@ def test_wrappers_follow_the_models_eval_mode(llama, perturb) -> None:
 SENTENCES = ["A man is playing a guitar.", "The cat sleeps on the sofa.", "Stock markets fell sharply today."]
 
 
-@pytest.mark.slow
 def test_dora_on_pretrained_minilm(minilm_path, perturb) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModel, AutoTokenizer
@@ -509,21 +518,27 @@ def test_dora_on_pretrained_minilm(minilm_path, perturb) -> None:
 
     base = run()
     total_before = sum(p.numel() for p in model.parameters())
-    report = dk.apply_adapters(model, dk.AdapterConfig(method="dora", rank=8, alpha=16, targets=["query", "value"]))
-    assert report.names == _layer_names("encoder.layer", ["attention.self.query", "attention.self.value"], layers=6)
+    cfg = dk.AdapterConfig(method="dora", rank=8, alpha=16, targets=["query", "value"])
+    report = dk.apply_adapters(model, cfg)
+    expected = _layer_names("encoder.layer", ["attention.self.query", "attention.self.value"], layers=6)
+    assert report.names == expected
     at_init = run()
-    assert _max_diff(at_init, base) <= 1e-5 * base.abs().max().item()
+    assert _max_diff(at_init, base) <= ATOL  # hidden states of order 5; float32 rounding of the bias add
 
     trainable = 12 * (8 * (384 + 384) + 384)  # A (8, 384) + B (384, 8) + m (384,) per module
     summary = dk.trainable_summary(model)
     assert summary == (f"trainable params: {trainable:,d} || all params: {total_before + trainable:,d} || "
                        f"trainable%: {100 * trainable / (total_before + trainable):.4f}")
-    assert re.fullmatch(r"trainable params: [\d,]+ \|\| all params: [\d,]+ \|\| trainable%: \d+\.\d{4}", summary)
+    assert re.fullmatch(r"trainable params: [\d,]+ \|\| all params: [\d,]+ \|\| trainable%: \d+\.\d{4}",
+                        summary)
 
     perturb(model, std=0.02)
     adapted = run()
     assert _max_diff(adapted, base) > 1e-2
     dk.merge_adapters(model)
-    torch.testing.assert_close(run(), adapted, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(run(), adapted, rtol=ATOL, atol=ATOL)
     dk.unmerge_adapters(model)
-    torch.testing.assert_close(run(), adapted, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(run(), adapted, rtol=ATOL, atol=ATOL)
+    dk.merge_and_unload(model)
+    assert {type(model.get_submodule(n)) for n in report.names} == {nn.Linear}
+    torch.testing.assert_close(run(), adapted, rtol=ATOL, atol=ATOL)

@@ -45,16 +45,6 @@ TOL = {F64: {"rtol": 1e-10, "atol": 1e-12}, torch.float32: {"rtol": 1e-5, "atol"
 RESTORE_TOL = {F64: 1e-12, torch.float32: 1e-6}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: intra-op threads only add synchronisation (and on a loaded 2-core
-    machine, heavy contention). Run this module single-threaded and restore the setting after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 # ---- building the cases ------------------------------------------------------------------------
 
 def make_base(kind: str, bias: bool, dtype: torch.dtype, seed: int) -> tuple[nn.Module, Tensor]:

@@ -22,7 +22,8 @@ def test_count_parameters_and_summary_on_a_hand_counted_model() -> None:
     assert dk.count_parameters(model) == (11, 3011)
     assert dk.trainable_summary(model) == "trainable params: 11 || all params: 3,011 || trainable%: 0.3653"
     model[0].weight.requires_grad_(True)
-    assert dk.trainable_summary(model) == "trainable params: 3,011 || all params: 3,011 || trainable%: 100.0000"
+    assert dk.trainable_summary(model) == ("trainable params: 3,011 || all params: 3,011 || "
+                                           "trainable%: 100.0000")
 
 
 def test_summary_of_a_model_without_parameters() -> None:
@@ -35,13 +36,14 @@ def test_shared_parameters_count_once(gpt2) -> None:
     assert model.lm_head.weight is model.transformer.wte.weight
     unique = {id(p): p.numel() for m in model.modules() for p in m.parameters(recurse=False)}
     assert dk.count_parameters(model)[1] == sum(unique.values())
-    assert dk.count_parameters(model)[1] < sum(p.numel() for m in model.modules() for p in m._parameters.values()
-                                                 if p is not None)
+    with_duplicates = sum(p.numel() for m in model.modules() for p in m._parameters.values() if p is not None)
+    assert dk.count_parameters(model)[1] < with_duplicates
 
 
 def test_counts_after_injection_are_the_adapter_sizes(llama) -> None:
     total = sum(p.numel() for p in llama.model.parameters())
-    dk.apply_adapters(llama.model, dk.AdapterConfig(targets=["q_proj", "k_proj"], magnitude_only=["o_proj"], rank=4))
+    cfg = dk.AdapterConfig(targets=["q_proj", "k_proj"], magnitude_only=["o_proj"], rank=4)
+    dk.apply_adapters(llama.model, cfg)
     # q_proj (32, 32), k_proj (16, 32), o_proj (32, 32) per layer; DoRA: r·(in + out) + out; magnitude: out.
     per_layer = (4 * (32 + 32) + 32) + (4 * (32 + 16) + 16) + 32
     assert dk.count_parameters(llama.model) == (2 * per_layer, total + 2 * per_layer)
@@ -72,7 +74,8 @@ PEFT_CASES = [
 @pytest.mark.parametrize(("ours", "theirs", "overrides"), PEFT_CASES)
 def test_counts_and_summary_equal_peft(make_tiny: Callable, capsys: pytest.CaptureFixture[str], ours: dict,
                                        theirs: dict, overrides: dict) -> None:
-    peft = pytest.importorskip("peft")
+    import peft
+
     tiny = make_tiny("llama", **overrides)
     twin = copy.deepcopy(tiny.model)
     dk.apply_adapters(tiny.model, dk.AdapterConfig(**ours))
@@ -116,20 +119,19 @@ def test_adapter_parameters_are_exactly_the_trainable_ones(whisper) -> None:
     assert trainable == {id(p) for p in dk.adapter_parameters(whisper.model).values()}
 
 
-@pytest.mark.parametrize(("method", "norm_grad"), [("dora", "detach"), ("dora", "exact"), ("lora", "detach")])
-def test_a_few_adamw_steps_reduce_the_loss(make_tiny: Callable, method: str, norm_grad: str) -> None:
+def test_a_few_adamw_steps_of_dora_reduce_the_loss(make_tiny: Callable) -> None:
     tiny = make_tiny("llama")
     model = tiny.model
-    cfg = dk.AdapterConfig(method=method, targets="all-linear", rank=4, alpha=8, norm_grad=norm_grad)
+    cfg = dk.AdapterConfig(method="dora", targets="all-linear", rank=4, alpha=8)
     dk.apply_adapters(model, cfg)
     base = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     start = {n: p.detach().clone() for n, p in dk.adapter_parameters(model).items()}
     # Every parameter goes to the optimizer: a base weight that moved would mean it was not frozen.
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-2)
     ids = tiny.inputs["input_ids"]
     model.train()
     losses = []
-    for _ in range(12):
+    for _ in range(8):
         loss = model(input_ids=ids, labels=ids).loss
         optimizer.zero_grad()
         loss.backward()

@@ -22,7 +22,14 @@ from .inject import (
     remove_adapters,
     unmerge_adapters,
 )
-from .layers import AdapterLayer, AdapterStateError, Conv1DAdapter, ConvAdapter, EmbeddingAdapter, LinearAdapter
+from .layers import (
+    AdapterLayer,
+    AdapterStateError,
+    Conv1DAdapter,
+    ConvAdapter,
+    EmbeddingAdapter,
+    LinearAdapter,
+)
 from .params import adapter_parameters, adapter_state_dict, count_parameters, trainable_summary
 
 __version__ = "0.1.0"

@@ -220,6 +220,7 @@ def apply_adapters(model: nn.Module, cfg: AdapterConfig) -> InjectionReport:
         param.requires_grad_(False)
     report = []
     for name, wrapper in wrappers.items():
+        wrapper.train(wrapper.base_layer.training)  # a wrapper follows the train/eval mode of what it replaces
         _set_child(model, name, wrapper)
         for p in (wrapper.lora_A, wrapper.lora_B, getattr(wrapper, "magnitude", None)):
             if p is not None:
@@ -258,24 +259,26 @@ def _require_adapters(model: nn.Module) -> list[tuple[str, AdapterLayer]]:
     return layers
 
 
+def _adapters_in_state(model: nn.Module, *, merged: bool, fix: str) -> list[tuple[str, AdapterLayer]]:
+    """Every adapter of ``model``, after checking that each one's merged flag is ``merged``."""
+    layers = _require_adapters(model)
+    wrong = [n for n, layer in layers if layer.merged != merged]
+    if wrong:
+        state = "not merged" if merged else "merged"
+        raise RuntimeError(f"{len(wrong)} adapters are {state} (e.g. {wrong[0]!r}); {fix}")
+    return layers
+
+
 def merge_adapters(model: nn.Module) -> None:
     """Fold every adapter into its base weight (zero inference overhead). Raises if any is merged."""
-    layers = _require_adapters(model)
-    merged = [n for n, layer in layers if layer.merged]
-    if merged:
-        raise RuntimeError(f"{len(merged)} adapters are already merged (e.g. {merged[0]!r}); merging twice would "
-                           "apply the update twice. Call dk.unmerge_adapters(model) first.")
-    for _, layer in layers:
+    for _, layer in _adapters_in_state(model, merged=False, fix="merging twice would apply the update twice. "
+                                       "Call dk.unmerge_adapters(model) first."):
         layer.merge()
 
 
 def unmerge_adapters(model: nn.Module) -> None:
     """Restore every base weight to W0 (to float rounding). Raises if any adapter is not merged."""
-    layers = _require_adapters(model)
-    unmerged = [n for n, layer in layers if not layer.merged]
-    if unmerged:
-        raise RuntimeError(f"{len(unmerged)} adapters are not merged (e.g. {unmerged[0]!r}); nothing to unmerge.")
-    for _, layer in layers:
+    for _, layer in _adapters_in_state(model, merged=True, fix="there is nothing to unmerge."):
         layer.unmerge()
 
 
@@ -297,12 +300,8 @@ def remove_adapters(model: nn.Module) -> nn.Module:
 
     Raises if an adapter is merged (unmerge first, or use merge_and_unload to keep the update).
     """
-    layers = _require_adapters(model)
-    merged = [n for n, layer in layers if layer.merged]
-    if merged:
-        raise RuntimeError(f"{merged[0]!r} is merged; call dk.unmerge_adapters(model) first, or "
-                           "dk.merge_and_unload(model) to keep the adaptation.")
-    for name, layer in layers:
+    for name, layer in _adapters_in_state(model, merged=False, fix="call dk.unmerge_adapters(model) first, or "
+                                          "dk.merge_and_unload(model) to keep the adaptation."):
         _set_child(model, name, layer.base_layer)
     return model
 
@@ -310,11 +309,9 @@ def remove_adapters(model: nn.Module) -> nn.Module:
 @contextlib.contextmanager
 def adapters_disabled(model: nn.Module) -> Iterator[None]:
     """Within the block, every unmerged adapter is bypassed (the base model's output)."""
-    layers = [layer for _, layer in _require_adapters(model)]
-    merged = [n for n, layer in _require_adapters(model) if layer.merged]
-    if merged:
-        raise RuntimeError(f"{merged[0]!r} is merged, so its update is in the weights and cannot be bypassed; "
-                           "call dk.unmerge_adapters(model) first.")
+    layers = [layer for _, layer in _adapters_in_state(
+        model, merged=False, fix="a merged update is in the weights and cannot be bypassed; "
+        "call dk.unmerge_adapters(model) first.")]
     previous = [layer.disabled for layer in layers]
     for layer in layers:
         layer.disabled = True

@@ -105,6 +105,17 @@ class AdapterLayer(nn.Module):
             with torch.no_grad():
                 self.magnitude = nn.Parameter(self._norm(grad=False).to(dtype))
 
+    def __getattr__(self, name: str) -> object:
+        """Attributes the wrapper lacks (``weight``, ``stride``, ``in_features``, ...) are read from the
+        base layer, so model code that inspects its submodules keeps working. ``weight`` is W0."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            base = self._modules.get("base_layer")
+            if base is None:
+                raise
+            return getattr(base, name)
+
     # ---- layout hooks (subclasses) -------------------------------------------------------------
     def _lora_A_shape(self, rank: int) -> tuple[int, ...]:
         return (rank, self.weight_2d().shape[1])
@@ -200,16 +211,18 @@ class AdapterLayer(nn.Module):
         return add_bias(y, getattr(self.base_layer, "bias", None), self.channel_dim).to(base.dtype)
 
     # ---- merge / unmerge -----------------------------------------------------------------------
+    @torch.no_grad()
+    def _adapted(self) -> tuple[Tensor, Tensor | None]:
+        """(W' as (out, in) in W0's dtype, ||W0 + sBA||_c or None for LoRA), from the unmerged W0."""
+        w2d = self.weight_2d()
+        if self.variant == "lora":
+            acc = accumulation_dtype(w2d)
+            return (w2d.to(acc) + lora_delta(self.lora_A_2d(), self.lora_B_2d(), self.scaling, acc)).to(w2d.dtype), None
+        return dora_merged_weight(w2d, self.lora_A_2d(), self.lora_B_2d(), self.magnitude, self.scaling)
+
     def adapted_weight_2d(self) -> Tensor:
         """The dense adapted weight W' as (out, in), in W0's dtype, without touching the model."""
-        w2d = self.weight_2d()
-        if self.merged:
-            return w2d.detach().clone()
-        with torch.no_grad():
-            if self.variant == "lora":
-                acc = accumulation_dtype(w2d)
-                return (w2d.to(acc) + lora_delta(self.lora_A_2d(), self.lora_B_2d(), self.scaling, acc)).to(w2d.dtype)
-            return dora_merged_weight(w2d, self.lora_A_2d(), self.lora_B_2d(), self.magnitude, self.scaling)[0]
+        return self.weight_2d().detach().clone() if self.merged else self._adapted()[0]
 
     @torch.no_grad()
     def merge(self) -> None:
@@ -217,13 +230,7 @@ class AdapterLayer(nn.Module):
         if self.merged:
             raise AdapterStateError("this adapter is already merged; call unmerge() first (merging twice would "
                                     "apply the update twice).")
-        w2d = self.weight_2d()
-        if self.variant == "lora":
-            acc = accumulation_dtype(w2d)
-            new = (w2d.to(acc) + lora_delta(self.lora_A_2d(), self.lora_B_2d(), self.scaling, acc)).to(w2d.dtype)
-        else:
-            new, self.merge_norm = dora_merged_weight(w2d, self.lora_A_2d(), self.lora_B_2d(), self.magnitude,
-                                                      self.scaling)
+        new, self.merge_norm = self._adapted()
         self.base_layer.weight.copy_(self._weight_from_2d(new))
         self.merged = True
 
