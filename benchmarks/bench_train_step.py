@@ -1,0 +1,115 @@
+"""One training step (forward + backward + AdamW) of a LLaMA-shaped model: dorakit vs PEFT, side by side.
+
+Every method runs in this one process on the same randomly initialised model (built from a config,
+no weights downloaded), same batch, same rank and targets; the table reports the median step time
+over the timed steps, tokens/s and the peak memory of each method's steps.
+
+    python benchmarks/bench_train_step.py --device cuda --preset llama-1b       # the GPU table
+    python benchmarks/bench_train_step.py --device cpu --preset tiny            # a CPU check
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import time
+
+import torch
+
+import dorakit as dk
+
+PRESETS = {  # hidden, intermediate, layers, heads, kv heads, batch, seq
+    "tiny": (256, 688, 2, 4, 4, 2, 128),
+    "llama-1b": (2048, 5632, 22, 32, 4, 4, 1024),
+}
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+METHODS = ["frozen", "dorakit-lora", "peft-lora", "dorakit-dora", "peft-dora"]
+
+
+def build(preset: str, dtype: torch.dtype, device: str) -> torch.nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hidden, inter, layers, heads, kv, _, _ = PRESETS[preset]
+    cfg = LlamaConfig(vocab_size=32000, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv)
+    torch.manual_seed(0)
+    with torch.device(device):
+        return LlamaForCausalLM(cfg).to(dtype)
+
+
+def wrap(model: torch.nn.Module, method: str, rank: int) -> torch.nn.Module:
+    if method == "frozen":  # the floor: backward through every layer, nothing to update
+        model.requires_grad_(False)
+        model.get_input_embeddings().register_forward_hook(lambda mod, inp, out: out.requires_grad_())
+        return model
+    if method.startswith("dorakit"):
+        dk.apply_adapters(model, dk.AdapterConfig(method=method.split("-")[1], rank=rank, alpha=2 * rank,
+                                                  targets=TARGETS))
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS,
+                                            use_dora=method.endswith("dora")))
+
+
+def measure(model: torch.nn.Module, batch: torch.Tensor, steps: int, warmup: int, device: str) -> tuple[float, float]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-5) if params else None
+    times = []
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for i in range(warmup + steps):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+    return statistics.median(times), peak
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    parser.add_argument("--dtype", default=None, choices=["bfloat16", "float32"],
+                        help="default: bfloat16 on cuda, float32 on cpu (CPU bf16 matmuls are slow)")
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--methods", default=",".join(METHODS))
+    args = parser.parse_args()
+    args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    dtype = getattr(torch, args.dtype)
+    batch_size, seq = PRESETS[args.preset][5:]
+    batch = torch.randint(0, 32000, (batch_size, seq), device=args.device)
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    print(f"device: {device_name}; torch {torch.__version__}; preset {args.preset}; {args.dtype}; "
+          f"r={args.rank}; batch {batch_size} x {seq}; median of {args.steps} steps after {args.warmup} warm-up")
+    rows = []
+    for method in args.methods.split(","):
+        model = wrap(build(args.preset, dtype, args.device), method, args.rank)
+        step, peak = measure(model, batch, args.steps, args.warmup, args.device)
+        rows.append((method, step, peak))
+        del model
+        gc.collect()
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
+    floor = next((s for m, s, _ in rows if m == "frozen"), float("nan"))
+    peft_dora = next((s for m, s, _ in rows if m == "peft-dora"), float("nan"))
+    print("| method | step ms | tokens/s | peak GiB | / frozen | / peft-dora |\n|---|---|---|---|---|---|")
+    for method, step, peak in rows:
+        print(f"| {method} | {step * 1e3:.1f} | {batch_size * seq / step:,.0f} | {peak:.2f} | {step / floor:.2f} | "
+              f"{step / peft_dora:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
