@@ -655,3 +655,19 @@ def test_zero_row_in_base_weight_stays_finite(kind: str, norm_grad: str) -> None
         assert torch.isfinite(g).all(), name
     # At init the dead unit still outputs exactly its bias, as the base layer does.
     torch.testing.assert_close(y.detach(), base(x), **TOL[F64])
+
+
+def test_deepcopy_and_pickled_module_give_the_same_output() -> None:
+    """A wrapped model survives copy.deepcopy and a whole-module torch.save / torch.load round trip
+    (the wrapper's attribute fall-through to the base layer must not recurse on a half-built object)."""
+    import copy
+    import io
+
+    layer, x = make_layer("linear", "dora")
+    perturb(layer)
+    buffer = io.BytesIO()
+    torch.save(layer, buffer)
+    buffer.seek(0)
+    for clone in (copy.deepcopy(layer), torch.load(buffer, weights_only=False)):
+        torch.testing.assert_close(clone(x), layer(x), rtol=0, atol=0)
+        assert clone.in_features == layer.base_layer.in_features  # read through from the base layer

@@ -214,8 +214,8 @@ def apply_adapters(model: nn.Module, cfg: AdapterConfig) -> InjectionReport:
             wrappers[name] = adapter_class(base)(  # type: ignore[misc]
                 base, variant, rank, alpha, use_rslora=cfg.use_rslora,
                 dropout=cfg.dropout if variant != "magnitude" else 0.0, init=cfg.init, norm_grad=cfg.norm_grad)
-        except ValueError as e:
-            raise ValueError(f"module {name!r}: {e}") from None
+        except (ValueError, TypeError) as e:
+            raise type(e)(f"module {name!r}: {e}") from None
     for param in model.parameters():
         param.requires_grad_(False)
     report = []

@@ -111,7 +111,7 @@ class AdapterLayer(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            base = self._modules.get("base_layer")
+            base = self.__dict__.get("_modules", {}).get("base_layer")  # no recursion before __init__
             if base is None:
                 raise
             return getattr(base, name)
