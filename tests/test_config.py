@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import json
 import math
+import pickle
 import re
 
+import numpy as np
 import pytest
+from torch import nn
 
 import dorakit as dk
 from dorakit.config import ConfigError
@@ -203,3 +208,27 @@ def test_rank_alpha_for_agrees_with_peft_get_pattern_key() -> None:
     for name in NAMES:
         key = get_pattern_key(list(rank_pattern), name)
         assert cfg.rank_alpha_for(name)[0] == rank_pattern.get(key, 8), name
+
+
+# ---- regressions from the independent review ------------------------------------------------
+
+def test_config_pickles_copies_and_serialises() -> None:
+    cfg = dk.AdapterConfig(rank=np.int64(4), targets=["q_proj"], rank_pattern={"v_proj": 2}, alpha_pattern={"k": 3})
+    assert type(cfg.rank) is int and cfg.rank == 4
+    assert pickle.loads(pickle.dumps(cfg)) == cfg and copy.deepcopy(cfg) == cfg
+    assert dict(dataclasses.asdict(cfg)["rank_pattern"]) == {"v_proj": 2}
+    assert dk.AdapterConfig(**json.loads(json.dumps(cfg.to_dict()))) == cfg
+    with pytest.raises(TypeError):
+        cfg.rank_pattern["q_proj"] = 1  # type: ignore[index]
+
+
+def test_target_syntax_errors_point_at_the_fix() -> None:
+    with pytest.raises(dk.ConfigError, match="targets='all-linear'"):
+        dk.AdapterConfig(targets=["all-linear"])
+    model = nn.Sequential(nn.Linear(4, 4))
+    assert dk.apply_adapters(model, dk.AdapterConfig(rank=2, targets="re:0")).names == ["0"]
+    model = nn.Sequential(nn.Sequential(nn.Linear(4, 4)))
+    # One string is a whole-name regex: "0" names the inner Sequential, "proj"-like suffixes name nothing.
+    with pytest.raises(dk.TargetError, match=r"targets=\['1'\]"):
+        dk.apply_adapters(nn.Sequential(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))),
+                          dk.AdapterConfig(rank=2, targets="1"))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from collections.abc import Callable
 
 import pytest
@@ -106,7 +107,9 @@ def test_all_linear_wraps_every_linear_but_the_output_head(make_tiny: Callable, 
     tiny = make_tiny(kind)
     linear = _linear_names(tiny.model)
     head = tiny.model.get_output_embeddings() if hasattr(tiny.model, "get_output_embeddings") else None
-    expected = [n for n in linear if tiny.model.get_submodule(n) is not head]
+    # Output and classification heads (get_output_embeddings(), lm_head / classifier / score) stay out.
+    expected = [n for n in linear if tiny.model.get_submodule(n) is not head
+                and n.rpartition(".")[2] not in ("lm_head", "classifier", "score")]
     report = dk.apply_adapters(tiny.model, dk.AdapterConfig(targets="all-linear", rank=2))
     assert report.names == expected
     if kind in ("llama", "gpt2"):
@@ -542,3 +545,70 @@ def test_dora_on_pretrained_minilm(minilm_path, perturb) -> None:
     dk.merge_and_unload(model)
     assert {type(model.get_submodule(n)) for n in report.names} == {nn.Linear}
     torch.testing.assert_close(run(), adapted, rtol=ATOL, atol=ATOL)
+
+
+# ---- regressions from the independent review ------------------------------------------------
+
+def _tiny_classifier(num_labels: int) -> nn.Module:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=48, max_position_embeddings=32, num_labels=num_labels)
+    return BertForSequenceClassification(cfg).eval()
+
+
+def test_all_linear_leaves_classification_heads_out_and_modules_to_save_work() -> None:
+    model = _tiny_classifier(num_labels=2)  # a 2-row head: rank 8 would not even fit it
+    report = dk.apply_adapters(model, dk.AdapterConfig(modules_to_save=["classifier"]))
+    assert "classifier" not in report.names and type(model.classifier) is nn.Linear
+    assert any(n.endswith("attention.self.query") for n in report.names)
+    trainable = dk.trainable_parameters(model)
+    assert {"classifier.weight", "classifier.bias"} <= set(trainable)
+    assert set(dk.adapter_parameters(model)) < set(trainable)
+
+
+def test_all_linear_skips_multihead_attention_projections() -> None:
+    model = nn.TransformerEncoderLayer(d_model=16, nhead=2, dim_feedforward=24, batch_first=True)
+    report = dk.apply_adapters(model, dk.AdapterConfig(rank=2))
+    assert report.names == ["linear1", "linear2"]
+    assert type(model.self_attn.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
+    with pytest.raises(dk.TargetError, match="MultiheadAttention"):
+        dk.apply_adapters(nn.TransformerEncoderLayer(16, 2, 24), dk.AdapterConfig(rank=2, targets=["out_proj"]))
+
+
+def test_parametrized_linear_is_not_adapted() -> None:
+    model = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(8, 8)), nn.Linear(8, 4))
+    assert dk.apply_adapters(model, dk.AdapterConfig(rank=2)).names == ["1"]
+    model = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(8, 8)))
+    with pytest.raises(dk.TargetError, match="cannot adapt"):
+        dk.apply_adapters(model, dk.AdapterConfig(rank=2, targets=["0"]))
+
+
+def test_failed_unmerge_changes_nothing() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 6))
+    dk.apply_adapters(model, dk.AdapterConfig(rank=2))
+    dk.merge_adapters(model)
+    with torch.no_grad():
+        model[1].magnitude[0] = 0.0
+    before = [layer.base_layer.weight.clone() for _, layer in dk.adapter_layers(model)]
+    with pytest.raises(RuntimeError, match="zero magnitude"):
+        dk.unmerge_adapters(model)
+    assert all(layer.merged for _, layer in dk.adapter_layers(model))
+    for w, (_, layer) in zip(before, dk.adapter_layers(model)):
+        assert torch.equal(w, layer.base_layer.weight)
+
+
+def test_adapters_disabled_warns_about_parameters_trained_in_place() -> None:
+    model = nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 6))
+    dk.apply_adapters(model, dk.AdapterConfig(rank=2, targets=["0"], bias="all"))
+    with pytest.warns(UserWarning, match="bias"):
+        with dk.adapters_disabled(model):
+            pass
+    clean = nn.Sequential(nn.Linear(6, 6))
+    dk.apply_adapters(clean, dk.AdapterConfig(rank=2, targets=["0"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with dk.adapters_disabled(clean):
+            pass

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
+import dorakit as dk
 from dorakit import AdapterStateError, Conv1DAdapter, ConvAdapter, EmbeddingAdapter, LinearAdapter
 
 F64 = torch.float64
@@ -671,3 +672,30 @@ def test_deepcopy_and_pickled_module_give_the_same_output() -> None:
     for clone in (copy.deepcopy(layer), torch.load(buffer, weights_only=False)):
         torch.testing.assert_close(clone(x), layer(x), rtol=0, atol=0)
         assert clone.in_features == layer.base_layer.in_features  # read through from the base layer
+
+
+# ---- regressions from the independent review ------------------------------------------------
+
+def test_weight_cache_stays_float32_after_a_model_wide_cast() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32)).to(torch.bfloat16)
+    dk.apply_adapters(model, dk.AdapterConfig(rank=4, targets=["0"]))
+    model.to(torch.bfloat16)  # W0 is already bf16: only the (floating) buffers get cast
+    layer = model[0]
+    assert layer.weight_sq.dtype == torch.bfloat16  # what Module.to did to the buffer
+    scale = layer.dora_scale()
+    assert layer.weight_sq.dtype == torch.float32
+    # Module.to also cast m, A, B to bf16 (the user's choice); the norm itself must still be float32:
+    # g = m / ||W0||_c to float32 rounding (a bf16 norm would be off by up to 2^-8 relative).
+    reference = layer.magnitude.double() / layer.base_layer.weight.double().norm(dim=1)
+    assert ((scale.double() - reference).abs() / reference).max().item() < 1e-6
+
+
+def test_unbatched_conv_input_matches_batched() -> None:
+    torch.manual_seed(0)
+    layer = ConvAdapter(nn.Conv1d(3, 5, kernel_size=3, padding=1), "dora", 2, 4.0)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+        layer.magnitude.mul_(1.5)
+    x = torch.randn(3, 5)  # (C, L) with L == out channels: a wrong axis would broadcast silently
+    torch.testing.assert_close(layer(x), layer(x.unsqueeze(0)).squeeze(0))

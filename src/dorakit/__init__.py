@@ -30,7 +30,13 @@ from .layers import (
     EmbeddingAdapter,
     LinearAdapter,
 )
-from .params import adapter_parameters, adapter_state_dict, count_parameters, trainable_summary
+from .params import (
+    adapter_parameters,
+    adapter_state_dict,
+    count_parameters,
+    trainable_parameters,
+    trainable_summary,
+)
 
 __version__ = "0.1.0"
 
@@ -38,5 +44,5 @@ __all__ = [
     "AdapterConfig", "AdapterLayer", "AdapterStateError", "ConfigError", "Conv1DAdapter", "ConvAdapter",
     "EmbeddingAdapter", "InjectionReport", "LinearAdapter", "TargetError", "WrappedModule", "adapter_layers",
     "adapter_parameters", "adapter_state_dict", "adapters_disabled", "apply_adapters", "count_parameters",
-    "functional", "merge_adapters", "merge_and_unload", "remove_adapters", "trainable_summary", "unmerge_adapters",
+    "functional", "merge_adapters", "merge_and_unload", "remove_adapters", "trainable_parameters", "trainable_summary", "unmerge_adapters",
 ]

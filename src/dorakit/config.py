@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from types import MappingProxyType
+from dataclasses import dataclass, field, fields
 
 from .functional import lora_scaling
 
@@ -22,9 +22,9 @@ class ConfigError(ValueError):
 
 
 def _check_rank(value: object, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
         raise ConfigError(f"{what} must be a positive integer, got {value!r}; use e.g. rank=8.")
-    return value
+    return int(value)
 
 
 def _check_alpha(value: object, what: str) -> float:
@@ -39,11 +39,14 @@ def _check_patterns(value: object, what: str, allow_str: bool) -> str | tuple[st
             raise ConfigError(f"{what} must be a list of module-name patterns, got the string {value!r}; "
                               f"write [{value!r}].")
         if value != ALL_LINEAR:
-            _compile(value, what)
+            _compile(value.removeprefix("re:"), what)
         return value
     if not isinstance(value, Sequence) or not all(isinstance(p, str) and p for p in value):
         raise ConfigError(f"{what} must be a list of non-empty strings, got {value!r}.")
     for p in value:
+        if p == ALL_LINEAR:
+            raise ConfigError(f"{what}: {ALL_LINEAR!r} is a whole-config choice, not a module name; "
+                              f"write targets={ALL_LINEAR!r} (a string, not a list).")
         if p.startswith("re:"):
             _compile(p[3:], what)
     return tuple(value)
@@ -54,6 +57,34 @@ def _compile(pattern: str, what: str) -> re.Pattern[str]:
         return re.compile(pattern)
     except re.error as e:
         raise ConfigError(f"{what}: {pattern!r} is not a valid regular expression ({e}).") from None
+
+
+class FrozenMap(Mapping):
+    """A read-only mapping that, unlike MappingProxyType, pickles and deep-copies."""
+
+    def __init__(self, items: Mapping | None = None) -> None:
+        self._items = dict(items or {})
+
+    def __getitem__(self, key: str) -> object:
+        return self._items[key]
+
+    def __iter__(self):  # noqa: ANN204
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Mapping) and dict(self.items()) == dict(other.items())
+
+    def __hash__(self) -> int:
+        return hash(tuple(self._items.items()))
+
+    def __repr__(self) -> str:
+        return repr(self._items)
+
+    def __reduce__(self) -> tuple:
+        return (FrozenMap, (self._items,))
 
 
 @dataclass(frozen=True)
@@ -69,8 +100,10 @@ class AdapterConfig:
     * a regular expression prefixed with ``re:``, matched against the whole name.
 
     ``targets`` may also be a single string: ``"all-linear"`` (every ``nn.Linear`` / transformers
-    ``Conv1D`` except the model's output head, as PEFT does) or a regular expression matched
-    against the whole name (PEFT's convention for a string ``target_modules``).
+    ``Conv1D`` except output and classification heads (``get_output_embeddings()``, modules named
+    ``lm_head``, ``classifier`` or ``score``), ``modules_to_save`` and ``nn.MultiheadAttention``'s
+    projections) or a regular expression matched against the whole name (PEFT's convention for a
+    string ``target_modules``; an optional ``re:`` prefix is accepted).
     """
 
     method: str = "dora"
@@ -106,7 +139,7 @@ class AdapterConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ConfigError(f"method must be one of {METHODS}, got {self.method!r}.")
-        _check_rank(self.rank, "rank")
+        object.__setattr__(self, "rank", _check_rank(self.rank, "rank"))
         _check_alpha(self.alpha, "alpha")
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) \
                 or not 0.0 <= self.dropout < 1.0:
@@ -129,10 +162,18 @@ class AdapterConfig:
             pattern = getattr(self, name)
             if not isinstance(pattern, Mapping):
                 raise ConfigError(f"{name} must be a mapping from module-name pattern to value, got {pattern!r}.")
-            for key, value in pattern.items():
+            for key in pattern:
                 _compile(rf"(.*\.)?({key})$", name)
-                check(value, f"{name}[{key!r}]")
-            object.__setattr__(self, name, MappingProxyType(dict(pattern)))
+            # A read-only copy: the caller's later edits don't leak in, and the config stays picklable.
+            object.__setattr__(self, name, FrozenMap({k: check(v, f"{name}[{k!r}]") for k, v in pattern.items()}))
+
+    def to_dict(self) -> dict[str, object]:
+        """Plain JSON-able values (lists and dicts), e.g. for logging; AdapterConfig(**d) rebuilds it."""
+        out: dict[str, object] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = dict(value) if isinstance(value, Mapping) else list(value) if isinstance(value, tuple) else value
+        return out
 
     @property
     def scaling(self) -> float:

@@ -115,7 +115,7 @@ def channel_view(v: Tensor, ndim: int, channel_dim: int) -> Tensor:
     """Reshape a per-channel vector (out,) to broadcast against a tensor of ``ndim`` dims."""
     if channel_dim in (-1, ndim - 1):
         return v
-    shape = [1] * ndim
+    shape = [1] * ndim  # e.g. (1, out, 1, 1) for a conv2d output (N, out, H, W) with channel_dim = -3
     shape[channel_dim] = -1
     return v.view(shape)
 

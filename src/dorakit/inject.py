@@ -10,10 +10,12 @@ import contextlib
 import difflib
 import fnmatch
 import re
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .config import ALL_LINEAR, AdapterConfig
 from .layers import AdapterLayer, Conv1DAdapter, ConvAdapter, EmbeddingAdapter, LinearAdapter, Variant
@@ -29,8 +31,10 @@ def _is_hf_conv1d(module: nn.Module) -> bool:
 
 
 def _plain(module: nn.Module, base: type[nn.Module]) -> bool:
-    """An instance of ``base`` whose class does not replace base's forward (e.g. not a 4-bit Linear)."""
-    return isinstance(module, base) and type(module).forward is base.forward
+    """An instance of ``base`` whose class does not replace base's forward (e.g. not a 4-bit Linear)
+    and whose weight is a plain parameter (not computed by torch.nn.utils.parametrize)."""
+    return (isinstance(module, base) and type(module).forward is base.forward
+            and not parametrize.is_parametrized(module))
 
 
 # First match wins (PEFT's dispatch list, not an if-chain).
@@ -100,35 +104,51 @@ def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
             yield name, module
 
 
-def _output_head_names(model: nn.Module) -> set[str]:
+HEAD_NAMES = ("lm_head", "classifier", "score")
+"""Leaf names of output / classification heads that "all-linear" leaves out (as PEFT does)."""
+
+
+def _all_linear(model: nn.Module, cfg: AdapterConfig) -> list[str]:
+    """Every nn.Linear / Conv1D except heads, modules_to_save and nn.MultiheadAttention's projections."""
     get = getattr(model, "get_output_embeddings", None)
     head = get() if callable(get) else None
-    return {name for name, m in model.named_modules() if m is head} if head is not None else set()
+    modules = dict(model.named_modules())
+    chosen = []
+    for name, module in modules.items():
+        parent = modules[name.rpartition(".")[0]] if "." in name else model
+        if (not name or module is head or name.rpartition(".")[2] in HEAD_NAMES
+                or any(pattern_matches(name, p) for p in cfg.modules_to_save)
+                or isinstance(parent, nn.MultiheadAttention)):
+            continue
+        if _plain(module, nn.Linear) or _is_hf_conv1d(module):
+            chosen.append(name)
+    return chosen
 
 
 def _select(model: nn.Module, cfg: AdapterConfig) -> dict[str, Variant]:
     """Module name -> variant for every module the config selects; raises on anything unusable."""
     names = [name for name, _ in model.named_modules() if name]
     modules = dict(model.named_modules())
-    heads = _output_head_names(model)
     chosen: dict[str, Variant] = {}
     if cfg.targets == ALL_LINEAR:
-        for name in names:
-            if name not in heads and (_plain(modules[name], nn.Linear) or _is_hf_conv1d(modules[name])):
-                chosen[name] = cfg.method  # type: ignore[assignment]
+        chosen = dict.fromkeys(_all_linear(model, cfg), cfg.method)  # type: ignore[arg-type]
         if not chosen:
-            raise TargetError("targets='all-linear' found no nn.Linear or Conv1D module (besides the output head).")
+            raise TargetError("targets='all-linear' found no nn.Linear or Conv1D module (besides heads); "
+                              "name the modules to adapt, e.g. targets=['query', 'value'].")
     elif isinstance(cfg.targets, str):
-        chosen = {n: cfg.method for n in names if re.fullmatch(cfg.targets, n)}  # type: ignore[misc]
+        regex = cfg.targets.removeprefix("re:")
+        chosen = {n: cfg.method for n in names if re.fullmatch(regex, n)}  # type: ignore[misc]
         if not chosen:
-            raise TargetError(f"targets regex {cfg.targets!r} matches no module name.{_close(cfg.targets, names)}")
+            hint = (f" A single string is a regex over the whole dotted name; for a module-name suffix write "
+                    f"targets=[{cfg.targets!r}]." if re.fullmatch(r"[\w.]+", cfg.targets) else "")
+            raise TargetError(f"targets regex {cfg.targets!r} matches no module name.{hint}{_close(regex, names)}")
     else:
         chosen = _match_list(cfg.targets, names, "targets", cfg.method)  # type: ignore[arg-type]
     magnitude = _match_list(cfg.magnitude_only, names, "magnitude_only", "magnitude")
     both = sorted(set(chosen) & set(magnitude))
     if both:
         raise TargetError(f"{both[:5]} match both targets and magnitude_only; a module gets one adapter. "
-                          "Remove them from one of the two lists.")
+                          "Narrow targets (name the modules instead of a regex or 'all-linear') or magnitude_only.")
     chosen.update(magnitude)
     chosen = {n: chosen[n] for n in names if n in chosen}  # model order
     for name in chosen:
@@ -278,7 +298,12 @@ def merge_adapters(model: nn.Module) -> None:
 
 def unmerge_adapters(model: nn.Module) -> None:
     """Restore every base weight to W0 (to float rounding). Raises if any adapter is not merged."""
-    for _, layer in _adapters_in_state(model, merged=True, fix="there is nothing to unmerge."):
+    layers = _adapters_in_state(model, merged=True, fix="there is nothing to unmerge.")
+    stuck = [n for n, layer in layers if layer.variant != "lora" and bool((layer.magnitude == 0).any())]
+    if stuck:  # checked for every layer first, so a failure never leaves the model half unmerged
+        raise RuntimeError(f"{stuck[:3]} have zero magnitude entries, so W0 cannot be recovered from the merged "
+                           "weights; reload the base model instead. Nothing was changed.")
+    for _, layer in layers:
         layer.unmerge()
 
 
@@ -308,10 +333,19 @@ def remove_adapters(model: nn.Module) -> nn.Module:
 
 @contextlib.contextmanager
 def adapters_disabled(model: nn.Module) -> Iterator[None]:
-    """Within the block, every unmerged adapter is bypassed (the base model's output)."""
+    """Within the block, every adapter is bypassed.
+
+    This gives the base model's output only if nothing else was trained: biases (``bias`` other than
+    "none") and ``modules_to_save`` train in place, so a warning names them when they are trainable.
+    """
     layers = [layer for _, layer in _adapters_in_state(
         model, merged=False, fix="a merged update is in the weights and cannot be bypassed; "
         "call dk.unmerge_adapters(model) first.")]
+    adapter_params = {id(p) for layer in layers for p in layer.parameters(recurse=False)}
+    extras = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in adapter_params]
+    if extras:
+        warnings.warn(f"adapters_disabled() bypasses the adapters only: {len(extras)} other trainable parameters "
+                      f"(e.g. {extras[0]!r}) train in place and stay in effect.", stacklevel=3)
     previous = [layer.disabled for layer in layers]
     for layer in layers:
         layer.disabled = True

@@ -55,7 +55,7 @@ class AdapterLayer(nn.Module):
     """Base of all wrappers. Subclasses define the layout hooks below."""
 
     channel_dim: int = -1
-    """Dimension of the output that holds the out-features (1 for convolutions)."""
+    """Dimension of the output that holds the out-features (the channel dimension for convolutions)."""
     supports_dropout: bool = True
 
     def __init__(self, base_layer: nn.Module, variant: Variant = "dora", rank: int = 8, alpha: float = 16.0, *,
@@ -169,8 +169,12 @@ class AdapterLayer(nn.Module):
         ``weight.data`` (it bypasses the version counter autograd keeps), and any change of W0 while
         running under torch.compile (reading the version counter there would break the graph).
         """
-        if not torch.compiler.is_compiling() and self._cache_key(self.base_layer.weight) != self._weight_sq_key:
-            self.refresh_weight_cache()
+        if not torch.compiler.is_compiling():
+            weight = self.base_layer.weight
+            # The dtype test catches model.to(dtype) casting the buffer while leaving W0 as it was.
+            if (self._cache_key(weight) != self._weight_sq_key
+                    or self.weight_sq.dtype != accumulation_dtype(weight)):
+                self.refresh_weight_cache()
         return self.weight_sq
 
     @torch.no_grad()
@@ -284,7 +288,9 @@ class ConvAdapter(AdapterLayer):
     1×…×1 convolution (out, r, 1, …); the magnitude is per output channel (norm over in×kernel).
     """
 
-    channel_dim = 1
+    @property
+    def channel_dim(self) -> int:  # counted from the end, so unbatched (C, *spatial) inputs work too
+        return -(self.base_layer.weight.dim() - 1)
 
     def __init__(self, base_layer: nn.Module, *args: object, **kwargs: object) -> None:
         if base_layer.groups != 1:

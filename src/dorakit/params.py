@@ -46,3 +46,9 @@ def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
             if param is not None:
                 params[f"{name}.{tensor_name}"] = param
     return params
+
+
+def trainable_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Every parameter with requires_grad, by name: the adapters plus trainable biases and
+    modules_to_save. This, not adapter_parameters, is what to hand the optimizer."""
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
