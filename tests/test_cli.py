@@ -278,7 +278,7 @@ def test_console_script_ctrl_c_then_resume_equals_an_uninterrupted_run(lm: Simpl
     if proc.returncode != 130 and (tmp_path / "cut" / "final").exists():
         pytest.skip("the run finished before SIGINT arrived (a very fast machine)")
     assert proc.returncode == 130, stderr
-    assert "Ctrl-C: finishing this step, then saving a checkpoint" in stderr
+    assert "SIGINT: finishing this step, then saving a checkpoint" in stderr
     k = int(latest.read_text().removeprefix("step-"))
     assert 1 <= k < steps and f"interrupted: checkpoint at step {k}" in stdout
     assert [s for s, _ in _train_losses(tmp_path / "cut")] == list(range(1, k + 1))

@@ -19,11 +19,11 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import VOCAB
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
 import dorakit as dk
 import dorakit.train as train_mod
+from dorakit.checkpoint import read_checkpoint
 from dorakit.data import Batches
 from dorakit.train import TrainConfig, latest_checkpoint, lr_factor, train
 
@@ -58,7 +58,9 @@ def _data(n: int, seed: int = 0) -> Callable[[list[int]], dict[str, Tensor]]:
 
 def _run(model: nn.Module, out: Path, cfg: TrainConfig, *, n: int = 7, batch_size: int = 2,
          **kw: object) -> train_mod.TrainResult:
-    return train(model, Batches(n, batch_size, seed=cfg.seed), _data(n), cfg, out, progress=False, **kw)
+    """``batch_size`` is the micro-batch: a step takes batch_size × grad_accum items."""
+    return train(model, Batches(n, batch_size * cfg.grad_accum, seed=cfg.seed), _data(n), cfg, out, progress=False,
+                 **kw)
 
 
 def _metrics(out: Path) -> list[dict]:
@@ -158,10 +160,9 @@ def test_grad_accum_equals_one_big_batch(make_tiny: Callable, perturb: Callable,
     for batch_size, accum in ((4, 1), (2, 2)):
         model, out = _model(make_tiny, perturb=perturb), tmp_path / f"b{batch_size}x{accum}"
         res = _run(model, out, TrainConfig(**{**cfg.__dict__, "grad_accum": accum}), n=4, batch_size=batch_size)
-        opt = torch.load(latest_checkpoint(out) / "optimizer.pt", weights_only=True)
+        saved = read_checkpoint(latest_checkpoint(out))
         names = [n for n, p in model.named_parameters() if p.requires_grad]
-        results[batch_size] = (res.losses, {names[i]: s["exp_avg"] for i, s in opt["state"].items()},
-                               _trainable(model))
+        results[batch_size] = (res.losses, {n: saved[f"optim.state.{n}.exp_avg"] for n in names}, _trainable(model))
     (loss_a, m_a, w_a), (loss_b, m_b, w_b) = results[4], results[2]
     assert loss_a == pytest.approx(loss_b, rel=1e-6)
     for name, g in grads.items():
@@ -193,8 +194,8 @@ def test_resume_after_kill_is_identical(make_tiny: Callable, tmp_path: Path, met
     assert resumed.losses == full.losses[3:]
     assert _losses(tmp_path / "cut") == full.losses
     assert _steps(tmp_path / "cut") == list(range(1, 9))
-    w_full = load_file(latest_checkpoint(tmp_path / "full") / "trainable.safetensors")
-    w_cut = load_file(latest_checkpoint(tmp_path / "cut") / "trainable.safetensors")
+    w_full = read_checkpoint(latest_checkpoint(tmp_path / "full"))
+    w_cut = read_checkpoint(latest_checkpoint(tmp_path / "cut"))
     assert w_full.keys() == w_cut.keys()
     assert all(torch.equal(w_full[k], w_cut[k]) for k in w_full)
 
@@ -205,7 +206,7 @@ def test_resume_test_is_sensitive_to_the_rng_state(make_tiny: Callable, tmp_path
     full = _run(_model(make_tiny, dropout=0.2), tmp_path / "full", RESUME)
     with pytest.raises(RuntimeError):
         _run(_model(make_tiny, dropout=0.2), tmp_path / "cut", RESUME, callbacks=[_Raise(5)])
-    monkeypatch.setattr(train_mod, "_set_rng_state", lambda state: None)
+    monkeypatch.setattr(train_mod, "set_rng_state", lambda state: None)
     resumed = _run(_model(make_tiny, dropout=0.2), tmp_path / "cut", RESUME, resume=True)
     assert resumed.losses != full.losses[3:]
 
@@ -292,7 +293,7 @@ def test_metrics_lines_and_progress(make_tiny: Callable, tmp_path: Path, capsys:
 
 # ----------------------------------------------------------------------------------- atomic checkpoints
 
-@pytest.mark.parametrize("writer", ["torch.save", "save_file"])
+@pytest.mark.parametrize("writer", ["torch.save", "dcp.save"])
 def test_failed_save_leaves_the_previous_checkpoint_and_latest(make_tiny: Callable, tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch,
                                                               writer: str) -> None:
@@ -309,7 +310,7 @@ def test_failed_save_leaves_the_previous_checkpoint_and_latest(make_tiny: Callab
             if writer == "torch.save":
                 monkeypatch.setattr(torch, "save", disk_full)
             else:
-                monkeypatch.setattr(train_mod, "save_file", disk_full)
+                monkeypatch.setattr(torch.distributed.checkpoint, "save", disk_full)
 
     with pytest.raises(OSError, match="No space left"):
         _run(_model(make_tiny), tmp_path, cfg, callbacks=[break_saving])

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from .distributed import STRATEGIES
 from .train import PRECISIONS, SCHEDULES, TrainConfig
 
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
@@ -77,6 +78,9 @@ def _finetune_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--record-deltas", type=int, default=0,
                    help="record the paper's ΔM / ΔD every N steps into <output-dir>/deltas.json (0: off)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--strategy", choices=STRATEGIES, default="none",
+                   help="none: one process; ddp / fsdp (FSDP2, sharded per decoder layer): several processes started "
+                   "by torchrun --nproc-per-node N -m dorakit finetune ... or accelerate launch --multi_gpu")
     p.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last checkpoint")
     d = TrainConfig()
     p.add_argument("--lr", type=float, default=d.lr)
@@ -240,7 +244,7 @@ def _targets(args: argparse.Namespace) -> str | list[str]:
     return args.targets[0] if args.targets == ["all-linear"] else args.targets
 
 
-def _finetune_args(args: argparse.Namespace):  # noqa: ANN202 - recipes.FinetuneArgs (imported lazily)
+def _finetune_args(args: argparse.Namespace):
     from .recipes import FinetuneArgs
 
     targets = _targets(args)
@@ -251,7 +255,7 @@ def _finetune_args(args: argparse.Namespace):  # noqa: ANN202 - recipes.Finetune
                       train_on_inputs=args.train_on_inputs, eval_data=args.eval_data, eval_limit=args.eval_limit,
                       gradient_checkpointing=args.gradient_checkpointing, record_deltas=args.record_deltas,
                       load_in_4bit=args.load_in_4bit,
-                      device=args.device, resume=args.resume,
+                      device=args.device, strategy=args.strategy, resume=args.resume,
                       train=_train_config(args))
 
 
@@ -260,6 +264,8 @@ def _run_finetune(args: argparse.Namespace) -> int:
 
     outcome = finetune(_finetune_args(args))
     r = outcome.result
+    if not outcome.main:  # rank 0 of a distributed run reports for all
+        return EXIT_INTERRUPTED if r.interrupted else 0
     pct = 100 * outcome.trainable / outcome.total
     print(f"{args.method}: {r.steps} steps in {r.seconds:.1f} s, trainable {outcome.trainable:,d} of "
           f"{outcome.total:,d} ({pct:.4f}%), final loss {r.final_loss if r.final_loss is not None else float('nan'):.4f}"
@@ -273,16 +279,17 @@ def _run_finetune(args: argparse.Namespace) -> int:
 
 def _run_eval(args: argparse.Namespace) -> int:
     from .data import load_records
+    from .distributed import single_device
     from .evaluate import evaluate_task, format_table, task_from_path
     from .loading import load_adapter
-    from .recipes import load_model, model_task, resolve_device
+    from .recipes import load_model, model_task
 
     if model_task(args.model, "auto") != "causal":
         raise ValueError(f"{args.model}: dorakit eval scores causal language models; this one is not.")
     model, tokenizer = load_model(args.model, "causal")
     if args.adapter:
         load_adapter(model, args.adapter)
-    model.to(resolve_device(args.device))
+    model.to(single_device(args.device))
     methods = ["loglik", "generate"] if args.method == "both" else [args.method]
     tables, results = [], {}
     for method in methods:

@@ -19,6 +19,7 @@ from torch import nn
 
 from .config import AdapterConfig
 from .data import (
+    IGNORE_INDEX,
     Batches,
     classification_examples,
     collate_causal,
@@ -28,6 +29,7 @@ from .data import (
     pad_token_id,
     tokenize_records,
 )
+from .distributed import Dist, barrier, check_precision, full_trainable, setup, teardown, wrap
 from .inject import apply_adapters, merge_and_unload
 from .io import atomic_write_bytes, save_adapter
 from .loading import load_adapter
@@ -41,14 +43,6 @@ HEAD_NAMES = ("classifier", "score")
 
 class RecipeError(ValueError):
     """A command-line input that cannot work (the message names it and the fix)."""
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RecipeError(f"--device {device}: this machine has no CUDA device; use --device cpu.")
-    return torch.device(device)
 
 
 def model_task(model_dir: str | os.PathLike, task: str) -> str:
@@ -123,6 +117,7 @@ class FinetuneArgs:
     use_rslora: bool = False
     norm_grad: str = "detach"
     batch_size: int = 4
+    """Examples per micro-batch per process; a step takes batch_size × grad_accum × processes."""
     epochs: float = 0.0
     max_len: int = 256
     train_on_inputs: bool = False
@@ -134,6 +129,8 @@ class FinetuneArgs:
     record_deltas: int = 0
     """Record the paper's ΔM / ΔD every this many steps into <output_dir>/deltas.json (0: off)."""
     device: str = "auto"
+    strategy: str = "none"
+    """"none" (one process), or "ddp" / "fsdp" under torchrun or accelerate launch (dorakit.distributed)."""
     resume: bool = False
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -146,6 +143,8 @@ class FinetuneOutcome:
     saved_to: Path
     trainable: int
     total: int
+    main: bool = True
+    """Whether this is the process that reports (rank 0 of a distributed run)."""
 
 
 def _adapter_config(args: FinetuneArgs, model: nn.Module, task: str) -> AdapterConfig | None:
@@ -163,20 +162,45 @@ def _adapter_config(args: FinetuneArgs, model: nn.Module, task: str) -> AdapterC
                          use_rslora=args.use_rslora, norm_grad=args.norm_grad, modules_to_save=tuple(heads))
 
 
-def _steps(args: FinetuneArgs, n_items: int) -> TrainConfig:
-    """TrainConfig with max_steps from --epochs when given."""
+def _steps(args: FinetuneArgs, n_items: int, global_batch: int) -> TrainConfig:
+    """TrainConfig with max_steps from --epochs when given (an epoch's last step may be short)."""
     if args.epochs <= 0:
         return args.train
-    per_epoch = math.ceil(n_items / args.batch_size)
-    steps = max(1, math.ceil(args.epochs * per_epoch / args.train.grad_accum))
+    steps = max(1, math.ceil(args.epochs * math.ceil(n_items / global_batch)))
     return TrainConfig(**{**asdict(args.train), "max_steps": steps})
+
+
+def _check_distributed(args: FinetuneArgs, d: Dist) -> None:
+    """Settings that one process runs but several cannot (yet); before anything is loaded."""
+    if d.world_size == 1 and d.strategy == "none":
+        return
+    check_precision(d.strategy, args.train.precision)
+    if args.load_in_4bit:
+        raise RecipeError(f"--load-in-4bit with --strategy {d.strategy}: 4-bit (bitsandbytes) bases train in one "
+                          "process here; drop --load-in-4bit, or run one process with --strategy none.")
+    if args.record_deltas and d.strategy == "fsdp":
+        raise RecipeError("--record-deltas with --strategy fsdp: the ΔM/ΔD recorder reads whole weights, which FSDP "
+                          "shards; use --strategy ddp, or run `dorakit analyze` on the saved adapters afterwards.")
+
+
+def _causal_items(batch: dict[str, torch.Tensor]) -> int:
+    """Label tokens a causal LM's loss averages over: labels shifted by one, IGNORE_INDEX left out."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
 
 
 def finetune(args: FinetuneArgs) -> FinetuneOutcome:
     """Fine-tune a local model with LoRA, DoRA or full fine-tuning; writes the adapter (PEFT format) or
     the full model under ``<output_dir>/final``."""
     task = model_task(args.model, args.task)
-    device = resolve_device(args.device)
+    d, device = setup(args.strategy, args.device)
+    try:
+        return _finetune(args, task, d, device)
+    finally:
+        teardown()
+
+
+def _finetune(args: FinetuneArgs, task: str, d: Dist, device: torch.device) -> FinetuneOutcome:
+    _check_distributed(args, d)
     torch.manual_seed(args.train.seed)  # a new head's and the adapters' initial values follow --seed too
     if task == "causal":
         model, tokenizer = load_model(args.model, task, load_in_4bit=args.load_in_4bit, device=device)
@@ -209,42 +233,56 @@ def finetune(args: FinetuneArgs) -> FinetuneOutcome:
     if not args.load_in_4bit:  # a 4-bit model is placed by device_map at load
         model.to(device)
     trainable, total = count_parameters(model)
-    tcfg = _steps(args, n_items)
+    global_batch = args.batch_size * args.train.grad_accum * d.world_size
+    tcfg = _steps(args, n_items, global_batch)
     evaluate = _eval_fn(args, task, tokenizer, labels) if args.eval_data else None
-    identity = {k: v for k, v in asdict(args).items()
-                if k not in ("train", "device", "eval_limit", "resume", "record_deltas", "output_dir")}
+    identity = {k: v for k, v in asdict(args).items()  # the global batch stands for batch_size (train adds it)
+                if k not in ("train", "device", "eval_limit", "resume", "record_deltas", "output_dir", "batch_size",
+                             "strategy")}
     for key in ("model", "data", "eval_data"):  # the same files however the path is spelled
         if identity[key] is not None:
             identity[key] = os.path.abspath(identity[key])
-    batches = Batches(n_items, args.batch_size, seed=tcfg.seed)
+    batches = Batches(n_items, global_batch, seed=tcfg.seed)
     recorder = _delta_recorder(args, model)
     deltas_path = Path(args.output_dir) / "deltas.json"
     start = _resume_step(Path(args.output_dir)) if args.resume else 0
     callbacks = []
     if recorder is not None:
         def save_with_checkpoint(step: int, _: nn.Module) -> None:  # a killed run keeps its records up to here
-            if tcfg.save_every and step % tcfg.save_every == 0:
+            if d.main and tcfg.save_every and step % tcfg.save_every == 0:
                 _save_deltas(recorder, deltas_path, first_new_step=start)
         callbacks = [recorder, save_with_checkpoint]
-    result = train(model, batches, make_batch, tcfg, args.output_dir, identity=identity, evaluate=evaluate,
-                   callbacks=callbacks, resume=args.resume, device=device)
-    if recorder is not None:
-        _save_deltas(recorder, deltas_path, first_new_step=result.start_step)
+    engine = wrap(model, d, device, tcfg.precision)
+    result = train(engine, batches, make_batch, tcfg, args.output_dir, identity=identity, evaluate=evaluate,
+                   callbacks=callbacks, resume=args.resume, device=device,
+                   items=_causal_items if task == "causal" else None, dist=d)
     final = Path(args.output_dir) / "final"
-    _write_summary(Path(args.output_dir), args, result, trainable, total)
+    if d.main:
+        if recorder is not None:
+            _save_deltas(recorder, deltas_path, first_new_step=result.start_step)
+        _write_summary(Path(args.output_dir), args, result, trainable, total)
     if not result.interrupted:
-        if cfg is not None:
-            save_adapter(model, final, base_model_name_or_path=str(args.model),
-                         task_type="CAUSAL_LM" if task == "causal" else "SEQ_CLS")
-        else:
-            model.save_pretrained(final)
-        tokenizer.save_pretrained(final)
-        if labels is not None:  # class id -> label name for users of the adapter
-            atomic_write_bytes(final / "labels.json", json.dumps(labels).encode())
-    return FinetuneOutcome(result, final, trainable, total)
+        with full_trainable(engine, d):  # FSDP: rank 0 holds the whole trained tensors here
+            if d.main:
+                _save_final(model, final, cfg, args, task, tokenizer, labels)
+        barrier(d)
+    return FinetuneOutcome(result, final, trainable, total, d.main)
 
 
-def _delta_recorder(args: FinetuneArgs, model: nn.Module):  # noqa: ANN202 - analysis.DeltaRecorder | None
+def _save_final(model: nn.Module, final: Path, cfg: AdapterConfig | None, args: FinetuneArgs, task: str,
+                tokenizer: Any, labels: list[str] | None) -> None:
+    """<output_dir>/final: the adapter in PEFT's format (or the full model), tokenizer, label names."""
+    if cfg is not None:
+        save_adapter(model, final, base_model_name_or_path=str(args.model),
+                     task_type="CAUSAL_LM" if task == "causal" else "SEQ_CLS")
+    else:
+        model.save_pretrained(final)
+    tokenizer.save_pretrained(final)
+    if labels is not None:  # class id -> label name for users of the adapter
+        atomic_write_bytes(final / "labels.json", json.dumps(labels).encode())
+
+
+def _delta_recorder(args: FinetuneArgs, model: nn.Module):
     """ΔM / ΔD every --record-deltas steps; full fine-tuning snapshots W0 now, before any update."""
     if args.record_deltas <= 0:
         return None
@@ -257,7 +295,7 @@ def _delta_recorder(args: FinetuneArgs, model: nn.Module):  # noqa: ANN202 - ana
 
 def _resume_step(out: Path) -> int:
     """The step a resumed run starts from (its latest checkpoint's), 0 if none."""
-    from .train import latest_checkpoint
+    from .checkpoint import latest_checkpoint
 
     ckpt = latest_checkpoint(out) if (out / "run.json").exists() else None
     return int(json.loads((ckpt / "state.json").read_text())["step"]) if ckpt else 0
@@ -282,7 +320,7 @@ def _write_summary(out: Path, args: FinetuneArgs, result: TrainResult, trainable
     atomic_write_bytes(out / "summary.json", json.dumps(summary, indent=2).encode())
 
 
-def _eval_fn(args: FinetuneArgs, task: str, tokenizer: Any, labels: list[str] | None):  # noqa: ANN202
+def _eval_fn(args: FinetuneArgs, task: str, tokenizer: Any, labels: list[str] | None):
     """A callable model -> {"accuracy": ...} over --eval-data (first --eval-limit items)."""
     if task == "classify":
         pairs = load_classification(args.eval_data)[: args.eval_limit]

@@ -13,29 +13,29 @@ import json
 import math
 import os
 import random
-import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Self
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .data import Batches
+from .distributed import ONE_PROCESS, Dist, all_sum, autocast_needed, barrier, gradient_sync, unwrap
 from .io import atomic_write_bytes
 
 SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("fp32", "bf16", "fp16")
-LATEST = "latest"
-"""File in ``<out>/checkpoints`` naming the newest complete checkpoint."""
+ItemCount = Callable[[Mapping[str, Tensor]], int]
+"""How many items a model's loss averages over in a micro-batch (label tokens of a causal LM)."""
 
 Callback = Callable[[int, nn.Module], None]
 """Called as ``callback(step, model)`` after every optimizer step (e.g. analysis.DeltaRecorder)."""
@@ -116,79 +116,6 @@ class TrainResult:
     eval: dict[str, float] = field(default_factory=dict)
 
 
-# ---- checkpoints ---------------------------------------------------------------------------------
-
-def _rng_state() -> dict[str, object]:
-    state: dict[str, object] = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: Mapping[str, object]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_checkpoint(out_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    batches: Mapping[str, int | bool], rng: Mapping[str, object], extra: Mapping[str, object]) -> Path:
-    """Write ``<out>/checkpoints/step-XXXXXXX`` atomically (a temp directory renamed into place) and
-    point ``latest`` at it. Trainable tensors go to safetensors; optimizer and RNG state to files
-    that ``torch.load(weights_only=True)`` reads (tensors and plain containers only)."""
-    root = out_dir / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:07d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
-    try:
-        trainable = {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-        save_file(trainable, tmp / "trainable.safetensors")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(dict(rng), tmp / "rng.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": step, "batches": dict(batches), **extra}, indent=2))
-        if final.exists():  # the same step written again (a resumed run's Ctrl-C): replace it
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    atomic_write_bytes(root / LATEST, final.name.encode())
-    return final
-
-
-def latest_checkpoint(out_dir: Path) -> Path | None:
-    """The newest complete checkpoint of a run directory, or None."""
-    pointer = out_dir / "checkpoints" / LATEST
-    if not pointer.is_file():
-        return None
-    path = out_dir / "checkpoints" / pointer.read_text().strip()
-    if not (path / "state.json").is_file():
-        raise FileNotFoundError(f"{pointer} names {path.name}, which is missing or incomplete; the run directory "
-                                "was edited. Point 'latest' at a complete step-* directory.")
-    return path
-
-
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, object]:
-    """Restore trainable tensors and the optimizer from ``path``; returns state.json (with "rng")."""
-    tensors = load_file(path / "trainable.safetensors")
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    if set(tensors) != set(params):
-        only_ckpt, only_model = sorted(set(tensors) - set(params)), sorted(set(params) - set(tensors))
-        raise ValueError(f"{path}: the checkpoint's trainable tensors differ from the model's (only in the "
-                         f"checkpoint: {only_ckpt[:3]}, only in the model: {only_model[:3]}); it is from another run.")
-    with torch.no_grad():
-        for name, tensor in tensors.items():
-            if params[name].shape != tensor.shape:
-                raise ValueError(f"{path}: {name} is {tuple(tensor.shape)} in the checkpoint but "
-                                 f"{tuple(params[name].shape)} in the model; it is from another run.")
-            params[name].copy_(tensor)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    state = json.loads((path / "state.json").read_text())
-    state["rng"] = torch.load(path / "rng.pt", weights_only=True)
-    return state
-
-
 # ---- the loop ------------------------------------------------------------------------------------
 
 class Progress:
@@ -217,38 +144,46 @@ class Progress:
 
 
 class _StopOnInterrupt:
-    """Within the block, the first Ctrl-C (SIGINT) only sets ``requested``, so the loop stops at the
-    next step boundary with consistent state; a second Ctrl-C interrupts at once."""
+    """Within the block, the first Ctrl-C (SIGINT) or SIGTERM (what torchrun and job schedulers send)
+    only sets ``requested``, so the loop stops at the next step boundary with consistent state; a
+    second one interrupts at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous: object = None
+        self._previous: dict[int, object] = {}
 
     def _handle(self, signum: int, frame: object) -> None:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
-        sys.stderr.write("\nCtrl-C: finishing this step, then saving a checkpoint (press again to abort)\n")
+        sys.stderr.write(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
+                         "(send it again to abort)\n")
 
     def __enter__(self) -> Self:
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
 
 
-def _check_identity(out_dir: Path, identity: Mapping[str, object], resume: bool) -> None:
-    """A new run needs a fresh directory; a resumed run needs the same settings as the saved one."""
+def _check_identity(out_dir: Path, identity: Mapping[str, object], resume: bool, d: Dist) -> None:
+    """A new run needs a fresh directory; a resumed run needs the same settings as the saved one.
+    Every process checks; rank 0 writes run.json once all have."""
     run_file = out_dir / "run.json"
     if not resume:
         if run_file.exists():
             raise FileExistsError(f"{out_dir} already holds a run ({run_file.name}); pass --resume to continue it, "
                                   "or choose another output directory (nothing there is overwritten).")
-        out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(run_file, json.dumps(identity, indent=2, sort_keys=True, default=str).encode())
+        barrier(d)
+        if d.main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(run_file, json.dumps(identity, indent=2, sort_keys=True, default=str).encode())
+        barrier(d)
         return
     if not run_file.is_file():
         raise FileNotFoundError(f"{out_dir} holds no run to resume (no {run_file.name}); start it without --resume.")
@@ -257,8 +192,10 @@ def _check_identity(out_dir: Path, identity: Mapping[str, object], resume: bool)
     differ = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
     if differ:
         detail = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in differ[:4])
-        raise ValueError(f"{out_dir} is a different run: {detail}. Resume with the saved settings, or start a new "
-                         "run in another directory.")
+        hint = (" The global batch is batch size × grad accumulation × processes: with another number of processes, "
+                "change --batch-size or --grad-accum to keep it." if "global_batch" in differ else "")
+        raise ValueError(f"{out_dir} is a different run: {detail}.{hint} Resume with the saved settings, or start a "
+                         "new run in another directory.")
 
 
 def _flatten(record: Mapping[str, object], prefix: str = "") -> dict[str, object]:
@@ -275,78 +212,92 @@ def _flatten(record: Mapping[str, object], prefix: str = "") -> dict[str, object
 def train(model: nn.Module, batches: Batches, make_batch: Callable[[list[int]], dict[str, Tensor]],
           cfg: TrainConfig, out_dir: str | os.PathLike, *, identity: Mapping[str, object] | None = None,
           evaluate: Callable[[nn.Module], dict[str, float]] | None = None, callbacks: Iterable[Callback] = (),
-          resume: bool = False, device: torch.device | str = "cpu", progress: bool = True) -> TrainResult:
+          resume: bool = False, device: torch.device | str = "cpu", progress: bool = True,
+          items: ItemCount | None = None, dist: Dist = ONE_PROCESS) -> TrainResult:
     """Train the parameters of ``model`` that require grad; ``model(**make_batch(indices)).loss`` is the loss.
 
-    Writes ``<out>/run.json`` (``identity``: what a resume must match), ``<out>/metrics.jsonl`` and
-    ``<out>/checkpoints/step-*``. Ctrl-C writes a checkpoint at the last finished step and returns
-    with ``interrupted=True``.
+    ``batches`` yields each optimizer step's whole batch (all processes, all micro-batches); it is cut
+    into cfg.grad_accum × world_size micro-batches, micro-batch i·world + rank going to process
+    ``rank``. A step's loss is the mean over all its items, each micro-batch's mean loss weighted
+    by ``items(batch)`` (default: its number of examples), so the gradient is the same however the
+    batch is split: one process equals N processes with the same global batch. ``model`` may be
+    wrapped by dorakit.distributed.wrap (DDP or FSDP2); ``dist`` is this process's place.
+
+    Writes (rank 0) ``<out>/run.json`` (``identity``: what a resume must match), ``<out>/metrics.jsonl``
+    and ``<out>/checkpoints/step-*``. Ctrl-C or SIGTERM writes a checkpoint at the last finished
+    step and returns with ``interrupted=True``.
     """
-    out = Path(out_dir)
-    _check_identity(out, {**(identity or {}), "train": asdict(cfg) | {"log_every": None, "eval_every": None,
-                                                                       "save_every": None}}, resume)
-    device = torch.device(device)
+    out, d, device = Path(out_dir), dist, torch.device(device)
+    slots = cfg.grad_accum * d.world_size
+    if batches.batch_size % slots:
+        raise ValueError(f"a step's batch of {batches.batch_size} items does not split into grad_accum "
+                         f"{cfg.grad_accum} × {d.world_size} processes; make it a multiple of {slots}.")
+    micro = batches.batch_size // slots
+    _check_identity(out, {**(identity or {}), "global_batch": batches.batch_size,
+                          "train": asdict(cfg) | {"log_every": None, "eval_every": None, "save_every": None,
+                                                  "grad_accum": None}}, resume, d)
+    inner = unwrap(model)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no parameter that requires grad; apply adapters or unfreeze it first.")
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     step = 0
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
+    _seed(cfg.seed + d.rank)  # rank r draws its own dropout masks; rank 0 draws those of a 1-process run
     scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
     ckpt = latest_checkpoint(out) if resume else None
     if ckpt is not None:
-        state = load_checkpoint(ckpt, model, optimizer)
+        state = load_checkpoint(ckpt, inner, optimizer, d)
         step = int(state["step"])
         batches.load_state_dict(state["batches"])
-        _set_rng_state(state["rng"])
+        _restore_rng(state, cfg, step, d)
         if scaler is not None and "scaler" in state:
             scaler.load_state_dict(state["scaler"])
-    if resume:  # lines logged after the checkpoint (all of them if there is none yet): those steps run again
+    if resume and d.main:  # lines logged after the checkpoint (all of them if there is none yet): those steps run again
         _truncate_metrics(out / "metrics.jsonl", step)
     saved_step = step if ckpt is not None else -1
     amp = (torch.autocast(device.type, dtype=torch.bfloat16 if cfg.precision == "bf16" else torch.float16)
-           if cfg.precision != "fp32" else nullcontext())
+           if cfg.precision != "fp32" and autocast_needed(d) else nullcontext())
     result = TrainResult(steps=step, start_step=step)
-    boundary = (batches.state_dict(), _rng_state())
-    stream, bar = batches.forever(), Progress(cfg.max_steps, progress)
+    boundary = (batches.state_dict(), rng_state())
+    stream, bar = batches.forever(), Progress(cfg.max_steps, progress and d.main)
     start, done, tokens = time.perf_counter(), 0, 0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     model.train()
     with _StopOnInterrupt() as stop:
-        while step < cfg.max_steps and not stop.requested:
+        stopping = False
+        while step < cfg.max_steps and not stopping:
             for group in optimizer.param_groups:
                 group["lr"] = cfg.lr * lr_factor(step, cfg)
-            loss_sum, step_tokens = 0.0, 0
-            for _ in range(cfg.grad_accum):
-                batch = {k: v.to(device) for k, v in make_batch(next(stream)).items()}
-                with amp:
-                    loss = model(**batch).loss / cfg.grad_accum
-                (scaler.scale(loss) if scaler else loss).backward()
-                loss_sum += loss.item()
-                mask = batch.get("attention_mask")
-                step_tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+            indices = next(stream)
+            parts = [indices[k * micro:(k + 1) * micro] for k in range(slots)]
+            mine = [parts[i * d.world_size + d.rank] for i in range(cfg.grad_accum)
+                    if any(parts[i * d.world_size:(i + 1) * d.world_size])]  # rounds some process has items in
+            loss_sum, step_tokens = _accumulate(model, mine, indices[:1], make_batch, items, amp, scaler, d, device)
             _optimizer_step(optimizer, scaler, params, cfg.max_grad_norm)
-            step, done, tokens = step + 1, done + 1, tokens + step_tokens
-            boundary = (batches.state_dict(), _rng_state())
+            loss_sum, step_tokens = all_sum([loss_sum, step_tokens], d, device)
+            step, done, tokens = step + 1, done + 1, tokens + int(step_tokens)
+            boundary = (batches.state_dict(), rng_state())
             result.losses.append(loss_sum)
             for callback in callbacks:
-                callback(step, model)
+                callback(step, inner)
             elapsed = time.perf_counter() - start
             bar.update(step, loss_sum, tokens / elapsed, done)
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
+            if d.main and (step % cfg.log_every == 0 or step == cfg.max_steps):
                 _log(out, {"step": step, "loss": loss_sum, "lr": optimizer.param_groups[0]["lr"], "tokens": tokens,
                            "tokens_per_s": tokens / elapsed, "elapsed_s": elapsed})
             if evaluate is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
-                _log(out, {"step": step, **_run_eval(model, evaluate)})
+                record = _run_eval(inner, evaluate)  # every process evaluates (FSDP needs all of them)
+                if d.main:
+                    _log(out, {"step": step, **record})
             if cfg.save_every and step % cfg.save_every == 0:
-                save_checkpoint(out, step, model, optimizer, boundary[0], boundary[1], _scaler_state(scaler))
+                save_checkpoint(out, step, inner, optimizer, boundary[0], boundary[1], _scaler_state(scaler), d)
                 saved_step = step
-        result.interrupted = stop.requested
+            stopping = all_sum([float(stop.requested)], d, device)[0] > 0  # all processes stop at the same step
+        result.interrupted = stopping
     bar.close()
-    if step != saved_step:  # rewriting a step already on disk would briefly leave `latest` dangling
-        save_checkpoint(out, step, model, optimizer, boundary[0], boundary[1], _scaler_state(scaler))
+    if step != saved_step and step > 0:  # (rewriting a step already on disk would briefly leave `latest` dangling)
+        save_checkpoint(out, step, inner, optimizer, boundary[0], boundary[1], _scaler_state(scaler), d)
     result.steps, result.seconds = step, time.perf_counter() - start
     if device.type == "cuda":
         result.peak_memory_bytes = torch.cuda.max_memory_allocated(device)
@@ -358,9 +309,55 @@ def train(model: nn.Module, batches: Batches, make_batch: Callable[[list[int]], 
         if earlier:  # this step's final evaluation is already logged: no second line
             result.eval = {k: v for k, v in earlier[-1].items() if k.startswith("eval_")}
         else:
-            result.eval = _run_eval(model, evaluate)
-            _log(out, {"step": step, **result.eval})
+            result.eval = _run_eval(inner, evaluate)
+            if d.main:
+                _log(out, {"step": step, **result.eval})
+    barrier(d)
     return result
+
+
+def _accumulate(model: nn.Module, mine: list[list[int]], filler: list[int],
+                make_batch: Callable[[list[int]], dict[str, Tensor]], items: ItemCount | None,
+                amp: AbstractContextManager, scaler: torch.amp.GradScaler | None, d: Dist,
+                device: torch.device) -> tuple[float, float]:
+    """Forward and backward of this process's micro-batches of one step; returns (Σ item-weighted
+    loss, tokens) of this process. The weights need the step's item count over all processes, so it
+    is summed first. A process with no items in a round runs ``filler`` at weight 0 (FSDP and DDP
+    need every process in every forward and backward)."""
+    batches = [{k: v.to(device) for k, v in make_batch(part or filler).items()} for part in mine]
+    counts = [(items(b) if items is not None else len(part)) if part else 0 for part, b in zip(mine, batches)]
+    total = all_sum([sum(counts)], d, device)[0]
+    loss_sum, tokens = torch.zeros((), dtype=torch.float64, device=device), 0
+    for j, (batch, count) in enumerate(zip(batches, counts)):
+        with gradient_sync(model, j == len(batches) - 1):
+            with amp:
+                output = model(**batch)
+                # DDP and FSDP average gradients over processes: × world_size makes it the mean over all items.
+                loss = output.loss * (count * d.world_size / total) if count else output.logits.sum() * 0.0
+            (scaler.scale(loss) if scaler else loss).backward()
+        if count:
+            loss_sum += output.loss.detach().double() * count
+            mask = batch.get("attention_mask")
+            tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+    return float(loss_sum) / max(total, 1), tokens
+
+
+def _seed(seed: int) -> None:
+    torch.manual_seed(seed)
+    random.seed(seed)
+
+
+def _restore_rng(state: Mapping[str, object], cfg: TrainConfig, step: int, d: Dist) -> None:
+    """This process's saved RNG state; a checkpoint from another number of processes has none that
+    fits, so each process reseeds from (seed, step, rank): the data order stays exact, random draws
+    such as dropout masks differ from those of an uninterrupted run."""
+    if state["rng"] is not None:
+        set_rng_state(state["rng"])
+        return
+    if d.main:
+        warnings.warn(f"resuming with {d.world_size} processes from a checkpoint written by {state.get('world_size')}: "
+                      "the data order continues exactly, but random draws (dropout) are reseeded.", stacklevel=3)
+    _seed(cfg.seed + d.rank + 1_000_003 * step)
 
 
 def logged_records(path: Path, step: int) -> list[dict[str, object]]:

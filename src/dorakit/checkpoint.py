@@ -1,0 +1,177 @@
+"""Training checkpoints: trainable tensors and optimizer state, RNG states, data position.
+
+One format for one process and for many. The trainable tensors and AdamW's state are written with
+``torch.distributed.checkpoint`` (DCP) under the model's own parameter names (no DDP / FSDP
+prefixes), each process writing its FSDP shards, so a checkpoint saved by N processes resumes on
+M (DCP reshards on load) and under another strategy. Frozen weights are not written: they come
+from the base model. Every process's RNG state is kept (``rng-<rank>.pt``) for an exact resume on
+the same number of processes.
+
+Layout of ``<out>/checkpoints/step-XXXXXXX``: ``.metadata`` + ``*.distcp`` (DCP), ``state.json``
+(step, world size, data position, loss scale), ``rng-<rank>.pt``. A checkpoint is written into a
+temporary directory and renamed into place; ``latest`` then names it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import Tensor, nn
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+from .distributed import ONE_PROCESS, Dist, barrier
+from .io import atomic_write_bytes
+
+LATEST = "latest"
+"""File in ``<out>/checkpoints`` naming the newest complete checkpoint."""
+MODEL, OPTIM = "model", "optim"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not belong to this run (other model or adapters) or is damaged."""
+
+
+def rng_state() -> dict[str, object]:
+    state: dict[str, object] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, object]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, dict]:
+    """{"model": trainable tensors by name, "optim": AdamW state by name}, as DCP saves and loads them
+    (collective under FSDP; for a fresh optimizer, its state is first created with a zero step)."""
+    with _one_process_is_fine():
+        model_sd, optim_sd = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+    return {MODEL: model_sd, OPTIM: optim_sd}
+
+
+@contextmanager
+def _one_process_is_fine() -> Iterator[None]:
+    """DCP warns that it runs 'in a single process' whenever no process group exists: that is intended."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        yield
+
+
+@contextmanager
+def _plain_errors() -> Iterator[None]:
+    """DCP wraps a writer's error (a full disk) in CheckpointException, a BaseException: raise the original."""
+    try:
+        yield
+    except dcp.CheckpointException as e:
+        original = next(iter(e.failures.values()), (None, None))[0]  # rank -> (exception, traceback)
+        if isinstance(original, Exception):
+            raise original from e
+        raise
+
+
+def save_checkpoint(out_dir: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                    batches: Mapping[str, int | bool], rng: Mapping[str, object], extra: Mapping[str, object],
+                    d: Dist = ONE_PROCESS) -> Path:
+    """Collective: write ``<out>/checkpoints/step-XXXXXXX`` (see the module docstring) and point
+    ``latest`` at it. ``rng`` is this process's RNG state at the step boundary."""
+    root = out_dir / "checkpoints"
+    final = root / f"step-{step:07d}"
+    tmp = root / f".{final.name}.partial"
+    if d.main:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)  # left by a run killed while saving
+        tmp.mkdir()
+    barrier(d)
+    try:
+        with _one_process_is_fine(), _plain_errors():
+            dcp.save(_state_dicts(model, optimizer), checkpoint_id=tmp)
+        torch.save(dict(rng), tmp / f"rng-{d.rank}.pt")
+        if d.main:
+            state = {"step": step, "world_size": d.world_size, "batches": dict(batches), **extra}
+            (tmp / "state.json").write_text(json.dumps(state, indent=2))
+        barrier(d)
+        if d.main:
+            if final.exists():  # the same step written again (a resumed run's Ctrl-C): replace it
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            atomic_write_bytes(root / LATEST, final.name.encode())
+    except BaseException:
+        if d.main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    barrier(d)
+    return final
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    """The newest complete checkpoint of a run directory, or None."""
+    pointer = out_dir / "checkpoints" / LATEST
+    if not pointer.is_file():
+        return None
+    path = out_dir / "checkpoints" / pointer.read_text().strip()
+    if not (path / "state.json").is_file():
+        raise FileNotFoundError(f"{pointer} names {path.name}, which is missing or incomplete; the run directory "
+                                "was edited. Point 'latest' at a complete step-* directory.")
+    if not (path / ".metadata").is_file():
+        raise CheckpointError(f"{path} is not in this dorakit's checkpoint format (no DCP .metadata; an older "
+                              "dorakit wrote trainable.safetensors). Resume it with that version, or start a new run.")
+    return path
+
+
+def _tensor_meta(path: Path) -> dict[str, TensorStorageMetadata]:
+    meta = dcp.FileSystemReader(path).read_metadata()
+    return {k: v for k, v in meta.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
+
+
+def _check_model_tensors(path: Path, saved: Mapping[str, torch.Size], model_sd: Mapping[str, Tensor]) -> None:
+    """The checkpoint holds exactly the model's trainable tensors, each of its (global) shape."""
+    stored = {k[len(MODEL) + 1:]: size for k, size in saved.items() if k.startswith(MODEL + ".")}
+    if set(stored) != set(model_sd):
+        only_ckpt, only_model = sorted(set(stored) - set(model_sd)), sorted(set(model_sd) - set(stored))
+        raise CheckpointError(f"{path}: the checkpoint's trainable tensors differ from the model's (only in the "
+                              f"checkpoint: {only_ckpt[:3]}, only in the model: {only_model[:3]}); it is from "
+                              "another model or adapter config. Resume with the run's settings, or start a new run.")
+    for name, tensor in model_sd.items():
+        if tuple(stored[name]) != tuple(tensor.shape):
+            raise CheckpointError(f"{path}: {name} is {tuple(stored[name])} in the checkpoint but "
+                                  f"{tuple(tensor.shape)} in the model; it is from another model or adapter config.")
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, d: Dist = ONE_PROCESS) -> dict:
+    """Collective: restore trainable tensors and the optimizer from ``path`` (resharded to this run's
+    processes); returns state.json, with "rng" = this process's saved RNG state when the checkpoint
+    was written by as many processes as this run has, else None. Checks everything before loading."""
+    saved = {k: m.size for k, m in _tensor_meta(path).items()}
+    states = _state_dicts(model, optimizer)
+    _check_model_tensors(path, saved, states[MODEL])
+    with _one_process_is_fine():
+        dcp.load(states, checkpoint_id=path)
+    set_state_dict(model, optimizer, model_state_dict=states[MODEL], optim_state_dict=states[OPTIM],
+                   options=StateDictOptions(ignore_frozen_params=True, strict=False))
+    state = json.loads((path / "state.json").read_text())
+    same = int(state.get("world_size", 1)) == d.world_size
+    state["rng"] = torch.load(path / f"rng-{d.rank}.pt", weights_only=True) if same else None
+    return state
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Tensor]:
+    """Every tensor of a checkpoint, whole and on the CPU, under DCP's flat names ("model.<param>",
+    "optim.state.<param>.exp_avg", ...), in one process whatever number of processes wrote it."""
+    tensors = {k: torch.empty(m.size, dtype=m.properties.dtype) for k, m in _tensor_meta(Path(path)).items()}
+    with _one_process_is_fine():
+        dcp.load(tensors, checkpoint_id=path)
+    return tensors

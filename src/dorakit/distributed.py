@@ -1,0 +1,235 @@
+"""Training on several processes with PyTorch's own engines: DDP and FSDP2 (``fully_shard``).
+
+A run is started by ``torchrun --nproc-per-node N`` or ``accelerate launch --multi_gpu
+--num_processes N``; both set RANK / WORLD_SIZE / LOCAL_RANK, which is all this module reads.
+Each process uses ``cuda:<LOCAL_RANK>`` with NCCL, or the CPU with gloo.
+
+FSDP2 shards every decoder layer (the model's ``_no_split_modules``) and then the root, with bf16
+parameters and fp32 gradient reduction under ``precision="bf16"``. DoRA needs the full rows of W0
+for its norm ||W0 + sBA||_c: the adapter computes it inside the layer's forward, where FSDP has
+all-gathered the layer's parameters (W0, A, B and m in one all-gather), so nothing is gathered a
+second time. The magnitude, A and B are sharded and trained like any parameter.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+STRATEGIES = ("none", "ddp", "fsdp")
+LAUNCH = ("torchrun --nproc-per-node N -m dorakit finetune ... (or accelerate launch --multi_gpu "
+          "--num_processes N -m dorakit finetune ...)")
+
+
+class DistributedError(ValueError):
+    """A distributed setting that cannot work; the message names it and the fix."""
+
+
+@dataclass(frozen=True)
+class Dist:
+    """This process's place in the run: rank r of world_size processes, under ``strategy``."""
+
+    strategy: str = "none"
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the one process that writes files and prints progress."""
+        return self.rank == 0
+
+
+ONE_PROCESS = Dist()
+"""A run without a launcher."""
+
+
+def launched_world() -> int | None:
+    """WORLD_SIZE when this process was started by torchrun / accelerate launch, else None."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return None
+    return int(os.environ["WORLD_SIZE"])
+
+
+def setup(strategy: str, device: str) -> tuple[Dist, torch.device]:
+    """Join the process group of a distributed launch (``strategy`` ddp / fsdp) and pick this rank's
+    device; with ``strategy="none"``, check that this is a single-process run.
+
+    Raises:
+        DistributedError: ddp / fsdp without a launcher, several launched processes with "none",
+            a device that does not fit the launch, or fp16 / 4-bit settings the engine cannot run.
+    """
+    if strategy not in STRATEGIES:
+        raise DistributedError(f"--strategy must be one of {STRATEGIES}, got {strategy!r}.")
+    world = launched_world()
+    if strategy == "none":
+        if world is not None and world > 1:
+            raise DistributedError(f"this process is one of {world} started by a distributed launcher, but --strategy "
+                                   "is none: each would train alone and write the same files. Pass --strategy ddp or "
+                                   "--strategy fsdp, or start a single process.")
+        return ONE_PROCESS, single_device(device)
+    if world is None:
+        raise DistributedError(f"--strategy {strategy} needs a distributed launch (RANK and WORLD_SIZE are not set): "
+                               f"run {LAUNCH}; for one process use --strategy none.")
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", os.environ["RANK"]))
+    use_cuda = device in ("auto", "cuda") and torch.cuda.is_available()
+    if device not in ("auto", "cuda", "cpu"):
+        raise DistributedError(f"--device {device}: under a distributed launch each process takes cuda:<LOCAL_RANK> "
+                               "(or the CPU); pass --device auto, cuda or cpu.")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise DistributedError("--device cuda: this machine has no CUDA device; use --device cpu (gloo).")
+    if use_cuda and local >= torch.cuda.device_count():
+        raise DistributedError(f"local rank {local} has no GPU: this machine has {torch.cuda.device_count()}; start "
+                               "at most that many processes per node (--nproc-per-node).")
+    here = torch.device("cuda", local) if use_cuda else torch.device("cpu")
+    if not dist.is_initialized():
+        if use_cuda:
+            os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast off (see README)
+            torch.cuda.set_device(here)
+        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=here if use_cuda else None)
+    return Dist(strategy, rank, world, local), here
+
+
+def single_device(device: str) -> torch.device:
+    """"auto" (CUDA if present, else CPU) or the named device, checked to exist."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise DistributedError(f"--device {device}: this machine has no CUDA device; use --device cpu.")
+    return torch.device(device)
+
+
+def teardown() -> None:
+    """Leave the process group (a no-op for a single process)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The modules FSDP shards one by one: those whose class is in ``model._no_split_modules``
+    (transformers' decoder / encoder layers), else the items of the model's ModuleLists. Innermost
+    first, as fully_shard must be applied bottom-up."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        layers = [child for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 1 for child in m]
+    return layers[::-1]
+
+
+def wrap(model: nn.Module, d: Dist, device: torch.device, precision: str) -> nn.Module:
+    """``model`` under DDP, or sharded in place with FSDP2; unchanged for strategy "none".
+
+    With FSDP2 and ``precision="bf16"`` the parameters are all-gathered and computed in bf16 and the
+    gradients reduced in fp32 (the fp32 shards stay the optimizer's master weights); autocast is not used.
+    """
+    if d.strategy == "none":
+        return model
+    if d.strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    check_precision(d.strategy, precision)
+    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+              if precision == "bf16" else MixedPrecisionPolicy())
+    mesh = init_device_mesh(device.type, (d.world_size,))
+    for layer in decoder_layers(model):
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    return model
+
+
+def check_precision(strategy: str, precision: str) -> None:
+    """fp16 needs a gradient scaler over whole gradients: DDP has them, FSDP2's are sharded."""
+    if strategy == "fsdp" and precision == "fp16":
+        raise DistributedError("--precision fp16 with --strategy fsdp: FSDP2 here runs bf16 mixed precision (fp32 "
+                               "master weights and reduction); pass --precision bf16, or use --strategy ddp for fp16.")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's model inside a DDP wrapper (FSDP2 shards in place: the model itself)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+def autocast_needed(d: Dist) -> bool:
+    """Whether the training loop autocasts for bf16 / fp16: not under FSDP2, whose policy casts."""
+    return d.strategy != "fsdp"
+
+
+@contextmanager
+def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """Within the block, backward reduces gradients across processes only if ``enabled`` (off for
+    all but the last micro-batch of a gradient-accumulation step)."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.nn.parallel import DistributedDataParallel
+
+    if enabled:
+        yield
+    elif isinstance(model, DistributedDataParallel):
+        with model.no_sync():
+            yield
+    elif isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
+def all_sum(values: Sequence[float], d: Dist, device: torch.device) -> list[float]:
+    """Element-wise sum of ``values`` over all processes (float64); the values themselves for one."""
+    if d.world_size == 1:
+        return [float(v) for v in values]
+    t = torch.tensor(list(values), dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def barrier(d: Dist) -> None:
+    if d.world_size > 1:
+        dist.barrier()
+
+
+def is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+@contextmanager
+def full_trainable(model: nn.Module, d: Dist) -> Iterator[None]:
+    """Collective: inside the block, rank 0's model holds the full trainable tensors (gathered from
+    the fp32 shards, on the CPU) in place of its FSDP shards, so the adapter writers read it as
+    they read a one-process model; the shards are put back on exit. A no-op unless sharded."""
+    if not is_sharded(model):
+        yield
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                ignore_frozen_params=True))
+    swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
+    if d.main:
+        for name, param in list(model.named_parameters()):
+            if param.requires_grad:
+                owner_name, _, attr = name.rpartition(".")
+                owner = model.get_submodule(owner_name)
+                swapped.append((owner, attr, param))
+                owner._parameters[attr] = nn.Parameter(full[name], requires_grad=True)
+    try:
+        yield
+    finally:
+        for owner, attr, param in swapped:
+            owner._parameters[attr] = param
