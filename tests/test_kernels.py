@@ -209,9 +209,46 @@ def test_auto_picks_fused_on_cpu_and_eager_where_fused_cannot_run() -> None:
     assert dropped._fast_impl(x) is None  # training with dropout: PEFT's formula, eager
     assert dropped.eval()._fast_impl(x) == "fused"  # eval: dropout is the identity
     assert _linear_layer()._fast_impl(x.double()) is None  # dtype mismatch: the eager path raises as before
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert _linear_layer()._fast_impl(x) is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # followed as autocast runs F.linear (next test)
+        assert _linear_layer()._fast_impl(x) == "fused"
     assert _linear_layer("torch")._fast_impl(x) is None
+
+
+@pytest.mark.parametrize(("impl", "dtype"), [("fused", torch.bfloat16), ("fused", torch.float16)]
+                         + ([("triton", torch.float16)] if HAS_TRITON else []))
+def test_fast_path_under_autocast_matches_float64(impl: str, dtype: torch.dtype) -> None:
+    """A float32 layer under autocast takes the kernels with x, W0 and b cast to the autocast dtype, as
+    autocast runs F.linear: output (in that dtype) and every gradient (x, A, B, m, bias, each in its own
+    dtype) against float64 on the same rounded x and W0, at the half-precision tolerance of the kernels."""
+    _check_autocast(impl, dtype, "cpu")
+
+
+@gpu
+@cuda
+@pytest.mark.parametrize("impl", ["fused", "triton"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_fast_path_under_autocast_matches_float64(impl: str, dtype: torch.dtype) -> None:
+    _check_autocast(impl, dtype, "cuda")
+
+
+def _check_autocast(impl: str, dtype: torch.dtype, device: str) -> None:
+    layer = _linear_layer(impl).to(device)
+    layer.base_layer.bias.requires_grad_(True)
+    x = torch.randn(2, 5, 24, generator=torch.Generator().manual_seed(1)).to(device).requires_grad_()
+    with torch.autocast(device, dtype=dtype):
+        assert layer._fast_impl(x) == impl
+        y = layer(x)
+    assert y.dtype == dtype
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(2), dtype=F64).to(device)
+    leaves = [x, layer.lora_A, layer.lora_B, layer.magnitude, layer.base_layer.bias]
+    grads = torch.autograd.grad(y, leaves, dy.to(dtype))
+    t = {"x": x.detach().to(dtype), "W": layer.base_layer.weight.to(dtype), "A": layer.lora_A.detach(),
+         "B": layer.lora_B.detach(), "m": layer.magnitude.detach(), "b": layer.base_layer.bias.detach().to(dtype)}
+    y_ref, g_ref = _reference(t, layer.scaling, dy)
+    for name, fast, ref in [("y", y, y_ref), *zip(("x", "A", "B", "m", "b"), grads, g_ref.values())]:
+        err = ((fast.to(F64) - ref).norm() / ref.norm()).item()
+        assert err <= REL_TOL[dtype], f"{impl} {dtype} {name}: relative error {err:.2e}"
+    assert [g.dtype for g in grads] == [p.dtype for p in leaves]
 
 
 def test_explicit_backend_that_cannot_run_raises() -> None:

@@ -90,7 +90,8 @@ def setup(strategy: str, device: str) -> tuple[Dist, torch.device]:
     here = torch.device("cuda", local) if use_cuda else torch.device("cpu")
     if not dist.is_initialized():
         if use_cuda:
-            os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast off (see README)
+            os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast off unless asked for (see README)
+            os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
             torch.cuda.set_device(here)
         dist.init_process_group("nccl" if use_cuda else "gloo", device_id=here if use_cuda else None)
     return Dist(strategy, rank, world, local), here

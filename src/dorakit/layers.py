@@ -41,6 +41,12 @@ Variant = Literal["lora", "dora", "magnitude"]
 VARIANTS: tuple[Variant, ...] = ("lora", "dora", "magnitude")
 
 
+def _autocast_dtype(x: Tensor) -> torch.dtype | None:
+    """The dtype autocast computes x's products in, or None where autocast is off."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+
+
 class AdapterStateError(RuntimeError):
     """An operation that does not fit the adapter's state (merging twice, unmerging unmerged)."""
 
@@ -238,6 +244,8 @@ class AdapterLayer(nn.Module):
             y = self.base_layer(x)
             return (y + self.scaling * self._lora(self.lora_dropout(x))).to(y.dtype)
         impl = self._fast_impl(x)
+        if impl is not None and _autocast_dtype(x) is not None:
+            return self._fast_autocast(x, impl, _autocast_dtype(x))
         if impl is not None:  # DoRA through dorakit.kernels: one autograd Function, the norm a constant
             return dora_linear(x, self.base_layer.weight, self.base_layer.bias, self.lora_A, self.lora_B,
                                self.magnitude, self._prepared(impl), impl)
@@ -252,6 +260,15 @@ class AdapterLayer(nn.Module):
         else:
             y = dora_combine(base, self._lora(x), scale, self.scaling, self.channel_dim)
         return add_bias(y, getattr(self.base_layer, "bias", None), self.channel_dim).to(base.dtype)
+
+    def _fast_autocast(self, x: Tensor, impl: str, dtype: torch.dtype) -> Tensor:
+        """The kernels under autocast, as autocast runs F.linear: x, W0 and the bias cast to ``dtype``
+        (a transient copy of W0, as autocast makes), the kernels themselves outside autocast."""
+        weight, bias = self.base_layer.weight.to(dtype), self.base_layer.bias
+        with torch.autocast(x.device.type, enabled=False):
+            prepared = dora_prepare(weight, self.lora_A, self.lora_B, self.scaling, self._weight_sq(), impl)
+            return dora_linear(x.to(dtype), weight, None if bias is None else bias.to(dtype), self.lora_A,
+                               self.lora_B, self.magnitude, prepared, impl)
 
     # ---- backend choice ------------------------------------------------------------------------
     def _static_unsupported(self, impl: str) -> str | None:
@@ -271,14 +288,15 @@ class AdapterLayer(nn.Module):
         weight = self.base_layer.weight
         if self.training and isinstance(self.lora_dropout, nn.Dropout):
             return "dropout > 0 while training (PEFT's dropout formula runs on the eager path)"
-        if torch.is_autocast_enabled(x.device.type):
-            return "autocast is enabled"
-        if x.dtype != weight.dtype:
+        cast = _autocast_dtype(x)
+        if cast is not None and cast not in (torch.float16, torch.bfloat16):
+            return f"autocast to {cast} (the kernels follow autocast to float16 / bfloat16 only)"
+        if cast is None and x.dtype != weight.dtype:
             return f"the input is {x.dtype} but W0 is {weight.dtype}"
         if weight.requires_grad:
             return "W0 requires grad (it is frozen in an adapter)"
         if impl == "triton":
-            if weight.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            if cast is None and weight.dtype not in (torch.float16, torch.bfloat16, torch.float32):
                 return f"the kernels take float16, bfloat16 or float32, not {weight.dtype}"
             if not weight.is_cuda and not triton_interpreted():
                 return f"the kernels need a CUDA device (or TRITON_INTERPRET=1), not {weight.device}"
