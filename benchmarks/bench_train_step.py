@@ -103,6 +103,11 @@ def profile_step(model: torch.nn.Module, batch: torch.Tensor, method: str, devic
     gpu_ms = sum(e.device_time for e in kernels) / 1e3
     print(f"profile {method}: fwd+bwd wall {wall * 1e3:.1f} ms (profiled), {len(kernels)} kernels, "
           f"GPU kernel time {gpu_ms:.1f} ms")
+    by_name: dict[str, list[float]] = {}
+    for e in kernels:
+        by_name.setdefault(e.name[:90], []).append(e.device_time / 1e3)
+    for name, times in sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:12]:
+        print(f"    {sum(times):7.2f} ms  {len(times):5d}x  {name}")
 
 
 def main() -> None:
