@@ -4,7 +4,7 @@ FSDP2 (dorakit.distributed.wrap), against the same step of the unsharded model i
 Prints one JSON line (rank 0): how many all-gathers FSDP issued, and the largest differences of the
 loss and of every gradient from the unsharded reference.
 
-    torchrun --standalone --nproc-per-node 2 tests/dist_worker.py dora
+    torchrun --standalone --nproc-per-node 2 tests/dist_worker.py dora [fp32|bf16]
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch.distributed as dist
 import transformers
 
 import dorakit as dk
-from dorakit.distributed import Dist, setup, teardown, wrap
+from dorakit.distributed import Dist, autocast_needed, setup, teardown, wrap
 
 
 def tiny_llama(method: str) -> torch.nn.Module:
@@ -35,16 +35,27 @@ def tiny_llama(method: str) -> torch.nn.Module:
     return model
 
 
-def main(method: str) -> None:
+def main(method: str, precision: str) -> None:
     d, device = setup("fsdp", "cpu")
     model = tiny_llama(method)
     reference = copy.deepcopy(model)
+    amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    if precision == "bf16":  # what FSDP's bf16 setup does to an adapter model, unsharded
+        for p in reference.parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(torch.bfloat16)
     ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(2))
-    ref_loss = reference(input_ids=ids, labels=ids).loss
+    with amp:
+        ref_loss = reference(input_ids=ids, labels=ids).loss
     ref_loss.backward()
     ref_grads = {n: p.grad for n, p in reference.named_parameters() if p.requires_grad}
 
-    sharded = wrap(model, Dist("fsdp", d.rank, d.world_size, d.local_rank), device, "fp32")
+    sharded = wrap(model, Dist("fsdp", d.rank, d.world_size, d.local_rank), device, precision)
+    seen = {}
+    adapter = next(m for n, m in sharded.named_modules() if n.endswith("q_proj"))
+    adapter.register_forward_pre_hook(lambda mod, args: seen.update(
+        weight=str(mod.base_layer.weight.dtype), lora_A=str(mod.lora_A.dtype),
+        magnitude=str(getattr(mod, "magnitude", mod.lora_A).dtype), autocast=torch.is_autocast_enabled("cpu")))
     gathers, gathered = 0, 0
     names = [n for n in ("all_gather_single", "all_gather_into_tensor") if hasattr(dist, n)]  # FSDP2 calls one
     real = {n: getattr(dist, n) for n in names}
@@ -58,13 +69,14 @@ def main(method: str) -> None:
 
     for n in names:
         setattr(dist, n, counting(n))
-    loss = sharded(input_ids=ids, labels=ids).loss  # every process the same batch: the mean is the reference
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16" and autocast_needed(sharded)):
+        loss = sharded(input_ids=ids, labels=ids).loss  # every process the same batch: the mean is the reference
     loss.backward()
     for n in names:
         setattr(dist, n, real[n])
     grads = {n: p.grad.full_tensor() for n, p in sharded.named_parameters() if p.requires_grad}
     result = {
-        "method": method, "world": d.world_size, "gathers": gathers, "gathered": gathered,
+        "method": method, "precision": precision, "world": d.world_size, "dtypes_in_forward": seen, "gathers": gathers, "gathered": gathered,
         "magnitude": sum(p.numel() for n, p in reference.named_parameters() if n.endswith("magnitude")),
         "loss_diff": abs(loss.item() - ref_loss.item()),
         "grad_diff": max((grads[n] - g).abs().max().item() for n, g in ref_grads.items()),
@@ -79,4 +91,4 @@ def main(method: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "fp32")

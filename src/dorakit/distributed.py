@@ -48,6 +48,7 @@ class Dist:
 
 ONE_PROCESS = Dist()
 """A run without a launcher."""
+_JOINED = False  # whether setup() made the process group (and teardown() may destroy it)
 
 
 def launched_world() -> int | None:
@@ -89,6 +90,8 @@ def setup(strategy: str, device: str) -> tuple[Dist, torch.device]:
                                "at most that many processes per node (--nproc-per-node).")
     here = torch.device("cuda", local) if use_cuda else torch.device("cpu")
     if not dist.is_initialized():
+        global _JOINED
+        _JOINED = True
         if use_cuda:
             os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast off unless asked for (see README)
             os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
@@ -107,9 +110,11 @@ def single_device(device: str) -> torch.device:
 
 
 def teardown() -> None:
-    """Leave the process group (a no-op for a single process)."""
-    if dist.is_initialized():
+    """Leave the process group that setup() joined; one the caller made is left to the caller."""
+    global _JOINED
+    if _JOINED and dist.is_initialized():
         dist.destroy_process_group()
+    _JOINED = False
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -123,11 +128,21 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
     return layers[::-1]
 
 
+PARAMS_CAST = "dorakit_fsdp_casts_params"
+"""Set in a model's __dict__ when FSDP's policy casts its parameters to bf16 (then no autocast)."""
+
+
 def wrap(model: nn.Module, d: Dist, device: torch.device, precision: str) -> nn.Module:
     """``model`` under DDP, or sharded in place with FSDP2; unchanged for strategy "none".
 
-    With FSDP2 and ``precision="bf16"`` the parameters are all-gathered and computed in bf16 and the
-    gradients reduced in fp32 (the fp32 shards stay the optimizer's master weights); autocast is not used.
+    FSDP2 with ``precision="bf16"`` (gradients reduced in fp32 either way):
+
+    - adapter training (some parameters frozen): the frozen weights are stored, sharded and gathered
+      in bf16, the trainable ones (A, B, magnitudes, heads) stay fp32 and train exactly as in one
+      process or under DDP: the step runs under bf16 autocast there and here alike, so the DoRA
+      scale m / ||W0 + sBA|| is never computed from a bf16-rounded magnitude;
+    - full fine-tuning: bf16 parameters gathered from the fp32 shards (AdamW's master weights), no
+      autocast.
     """
     if d.strategy == "none":
         return model
@@ -139,13 +154,31 @@ def wrap(model: nn.Module, d: Dist, device: torch.device, precision: str) -> nn.
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     check_precision(d.strategy, precision)
-    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-              if precision == "bf16" else MixedPrecisionPolicy())
+    frozen = [p for p in model.parameters() if not p.requires_grad and p.is_floating_point()]
+    cast_params = precision == "bf16" and not frozen
+    if precision == "bf16" and frozen:
+        with torch.no_grad():
+            for p in frozen:
+                p.data = p.data.to(torch.bfloat16)
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if cast_params else None,
+                                  reduce_dtype=torch.float32 if precision == "bf16" else None)
+    model.__dict__[PARAMS_CAST] = cast_params
     mesh = init_device_mesh(device.type, (d.world_size,))
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
+    _no_eval_norm_cache(model)
     return model
+
+
+def _no_eval_norm_cache(model: nn.Module) -> None:
+    """FSDP2 writes the optimizer's update into shards the adapters never see, so their eval-mode norm
+    cache (keyed on version counters) cannot tell A or B changed: it is turned off."""
+    from .layers import AdapterLayer
+
+    for module in model.modules():
+        if isinstance(module, AdapterLayer):
+            module.cache_norm = False
 
 
 def check_precision(strategy: str, precision: str) -> None:
@@ -162,9 +195,9 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, DistributedDataParallel) else model
 
 
-def autocast_needed(d: Dist) -> bool:
-    """Whether the training loop autocasts for bf16 / fp16: not under FSDP2, whose policy casts."""
-    return d.strategy != "fsdp"
+def autocast_needed(model: nn.Module) -> bool:
+    """Whether the training loop autocasts for bf16 / fp16: not where FSDP2's policy casts the parameters."""
+    return not model.__dict__.get(PARAMS_CAST, False)
 
 
 @contextmanager
@@ -223,12 +256,15 @@ def full_trainable(model: nn.Module, d: Dist) -> Iterator[None]:
                                                                 ignore_frozen_params=True))
     swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
     if d.main:
-        for name, param in list(model.named_parameters()):
+        replacement: dict[int, nn.Parameter] = {}  # one new Parameter per old one: tied weights stay tied
+        for name, param in list(model.named_parameters(remove_duplicate=False)):
             if param.requires_grad:
                 owner_name, _, attr = name.rpartition(".")
                 owner = model.get_submodule(owner_name)
+                if id(param) not in replacement:
+                    replacement[id(param)] = nn.Parameter(full[name], requires_grad=True)
                 swapped.append((owner, attr, param))
-                owner._parameters[attr] = nn.Parameter(full[name], requires_grad=True)
+                owner._parameters[attr] = replacement[id(param)]
     try:
         yield
     finally:

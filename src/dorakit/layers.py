@@ -84,6 +84,8 @@ class AdapterLayer(nn.Module):
         self.backend = backend
         self.merged = False
         self.disabled = False
+        self.cache_norm = True
+        """Keep the eval-mode norm until W0, A or B changes (off under FSDP, whose updates it cannot see)."""
         weight = self.weight_2d()  # W0's (out, in) view; for a 4-bit base, a transient dequantized copy
         dtype = adapter_dtype(weight)
         out_features, in_features = self.weight_2d().shape
@@ -222,7 +224,7 @@ class AdapterLayer(nn.Module):
         """
         weight_sq = self._weight_sq()
         key = None
-        if not self.training and not torch.compiler.is_compiling():
+        if not self.training and self.cache_norm and not torch.compiler.is_compiling():
             A, B = self.lora_A, self.lora_B
             key = (self._weight_sq_key, A._version, A.data_ptr(), B._version, B.data_ptr(), self.scaling, impl)
             if self._norm_cache is not None and self._norm_cache[0] == key:

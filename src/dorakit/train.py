@@ -144,9 +144,9 @@ class Progress:
 
 
 class _StopOnInterrupt:
-    """Within the block, the first Ctrl-C (SIGINT) or SIGTERM (what torchrun and job schedulers send)
-    only sets ``requested``, so the loop stops at the next step boundary with consistent state; a
-    second one interrupts at once."""
+    """Within the block, Ctrl-C (SIGINT) or SIGTERM (what torchrun and job schedulers send) only sets
+    ``requested``, so the loop stops at the next step boundary with consistent state; a second
+    Ctrl-C interrupts at once (a repeated SIGTERM does not: launchers forward it to every process)."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -155,11 +155,12 @@ class _StopOnInterrupt:
         self._previous: dict[int, object] = {}
 
     def _handle(self, signum: int, frame: object) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
+        if self.requested and signum == signal.SIGINT:  # SIGTERM never aborts: schedulers and torchrun may send it
+            raise KeyboardInterrupt                    # to every process more than once; they kill on their own
+        if not self.requested:
+            sys.stderr.write(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
+                             "(Ctrl-C again aborts)\n")
         self.requested = True
-        sys.stderr.write(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
-                         "(send it again to abort)\n")
 
     def __enter__(self) -> Self:
         if threading.current_thread() is threading.main_thread():
@@ -256,7 +257,7 @@ def train(model: nn.Module, batches: Batches, make_batch: Callable[[list[int]], 
         _truncate_metrics(out / "metrics.jsonl", step)
     saved_step = step if ckpt is not None else -1
     amp = (torch.autocast(device.type, dtype=torch.bfloat16 if cfg.precision == "bf16" else torch.float16)
-           if cfg.precision != "fp32" and autocast_needed(d) else nullcontext())
+           if cfg.precision != "fp32" and autocast_needed(model) else nullcontext())
     result = TrainResult(steps=step, start_step=step)
     boundary = (batches.state_dict(), rng_state())
     stream, bar = batches.forever(), Progress(cfg.max_steps, progress and d.main)
