@@ -246,9 +246,10 @@ class AdapterLayer(nn.Module):
             y = self.base_layer(x)
             return (y + self.scaling * self._lora(self.lora_dropout(x))).to(y.dtype)
         impl = self._fast_impl(x)
-        if impl is not None and _autocast_dtype(x) is not None:
-            return self._fast_autocast(x, impl, _autocast_dtype(x))
         if impl is not None:  # DoRA through dorakit.kernels: one autograd Function, the norm a constant
+            cast = _autocast_dtype(x)
+            if cast is not None:
+                return self._fast_autocast(x, impl, cast)
             return dora_linear(x, self.base_layer.weight, self.base_layer.bias, self.lora_A, self.lora_B,
                                self.magnitude, self._prepared(impl), impl)
         scale = self.dora_scale()

@@ -219,14 +219,20 @@ def _peft_modules_to_save(all_names: list[str], patterns: tuple[str, ...], where
     return [n for n in chosen if not any(n.startswith(o + ".") for o in chosen)]
 
 
-def _check_existing(model: nn.Module, layers: Mapping[str, AdapterLayer], files: AdapterFiles,
-                    groups: Mapping[str, Mapping[str, Tensor]], where: str) -> None:
-    """The model's adapters must be the file's: same modules, variants, ranks, alphas, scaling rule."""
+def check_same_modules(layers: Mapping[str, nn.Module], groups: Mapping[str, Mapping[str, Tensor]],
+                       where: str) -> None:
+    """A model that already has adapters takes only a file for exactly those modules."""
     if set(layers) != set(groups):
         only_model, only_file = sorted(set(layers) - set(groups)), sorted(set(groups) - set(layers))
         raise AdapterFileError(f"{where}: the model's adapters differ from the file's (only in the model: "
                                f"{only_model[:3]}, only in the file: {only_file[:3]}); call "
                                "dk.remove_adapters(model) first to load onto the plain model.")
+
+
+def _check_existing(model: nn.Module, layers: Mapping[str, AdapterLayer], files: AdapterFiles,
+                    groups: Mapping[str, Mapping[str, Tensor]], where: str) -> None:
+    """The model's adapters must be the file's: same modules, variants, ranks, alphas, scaling rule."""
+    check_same_modules(layers, groups, where)
     variants = _variants(files, groups, where)
     cfg = adapter_config(model)
     for name, layer in layers.items():

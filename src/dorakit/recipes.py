@@ -303,12 +303,10 @@ def _resume_step(out: Path) -> int:
 
 def _save_deltas(recorder: Any, path: Path, first_new_step: int) -> None:
     """Write deltas.json: records kept from before a resume (steps up to its checkpoint) + this run's."""
-    from .analysis import read_json, write_json
+    from .analysis import read_json, records_json
 
     old = [r for r in read_json(path) if r.step is not None and r.step <= first_new_step] if path.exists() else []
-    tmp = path.with_name(f".{path.name}.tmp")
-    write_json(old + recorder.records, tmp)
-    os.replace(tmp, path)  # atomic: a crash mid-write leaves the previous file
+    atomic_write_bytes(path, records_json(old + recorder.records).encode())  # a crash mid-write keeps the old file
 
 
 def _write_summary(out: Path, args: FinetuneArgs, result: TrainResult, trainable: int, total: int) -> None:

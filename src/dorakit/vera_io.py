@@ -38,7 +38,14 @@ from .io import (
     extra_state_dict,
     read_adapter_files,
 )
-from .loading import _peft_modules_to_save, check_file_modules, extra_targets, group_tensors, write_tensors
+from .loading import (
+    _peft_modules_to_save,
+    check_file_modules,
+    check_same_modules,
+    extra_targets,
+    group_tensors,
+    write_tensors,
+)
 from .peft_format import (
     PREFIX,
     AdapterFileError,
@@ -219,11 +226,7 @@ def _config_for(model: nn.Module, fields: VeraFields, groups: Mapping[str, Mappi
 def _check_existing(model: nn.Module, layers: Mapping[str, nn.Module], fields: VeraFields,
                     groups: Mapping[str, Mapping[str, Tensor]], where: str) -> None:
     """The model's adapters must be the file's: same modules, method, rank, seed and bias mode."""
-    if set(layers) != set(groups):
-        only_model, only_file = sorted(set(layers) - set(groups)), sorted(set(groups) - set(layers))
-        raise AdapterFileError(f"{where}: the model's adapters differ from the file's (only in the model: "
-                               f"{only_model[:3]}, only in the file: {only_file[:3]}); call "
-                               "dk.remove_adapters(model) first to load onto the plain model.")
+    check_same_modules(layers, groups, where)
     for name, layer in layers.items():
         if not isinstance(layer, VeraAdapter) or layer.method != fields.method:
             kind = layer.method if isinstance(layer, VeraAdapter) else layer.variant

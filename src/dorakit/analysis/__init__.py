@@ -36,6 +36,7 @@ from .records import (
     layer_index,
     model_deltas,
     read_json,
+    records_json,
     summarize,
     to_rows,
     transposed_keys,
@@ -46,6 +47,6 @@ from .records import (
 __all__ = [
     "DeltaRecord", "DeltaRecorder", "LineFit", "RowStats", "adapter_checkpoint_series", "adapter_magnitude_direction",
     "adapter_tensor_stats", "checkpoint_series", "compare_state_dicts", "fit_line", "layer_index",
-    "magnitude_direction", "model_deltas", "module_weight_2d", "plot_deltas", "read_json", "summarize", "to_rows",
-    "transposed_keys", "write_csv", "write_json",
+    "magnitude_direction", "model_deltas", "module_weight_2d", "plot_deltas", "read_json", "records_json", "summarize",
+    "to_rows", "transposed_keys", "write_csv", "write_json",
 ]

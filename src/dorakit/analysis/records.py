@@ -193,12 +193,17 @@ def write_csv(records: Iterable[DeltaRecord], path: str | Path) -> Path:
     return path
 
 
-def write_json(records: Iterable[DeltaRecord], path: str | Path) -> Path:
-    """Write the records as a JSON list of objects (NaN is written as null)."""
+def records_json(records: Iterable[DeltaRecord]) -> str:
+    """The records as a JSON list of objects (NaN is written as null): what write_json writes."""
     rows = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
             for row in to_rows(records)]
+    return json.dumps(rows, indent=1)
+
+
+def write_json(records: Iterable[DeltaRecord], path: str | Path) -> Path:
+    """Write the records as a JSON list of objects (NaN is written as null)."""
     path = Path(path)
-    path.write_text(json.dumps(rows, indent=1))
+    path.write_text(records_json(records))
     return path
 
 
