@@ -20,7 +20,7 @@ if not torch.cuda.is_available():  # must be set before triton_dora is imported 
 
 import dorakit as dk  # noqa: E402
 from dorakit.functional import row_norm_sq  # noqa: E402
-from dorakit.kernels import dora_linear, dora_norm, dora_prepare  # noqa: E402
+from dorakit.kernels import dora_linear, dora_norm, dora_prepare, lora_prepare  # noqa: E402
 from dorakit.layers import ConvAdapter, LinearAdapter  # noqa: E402
 
 F64 = torch.float64
@@ -70,10 +70,10 @@ def _case(
 
 
 def _reference(t: dict[str, Tensor], scaling: float, dy: Tensor) -> tuple[Tensor, list[Tensor | None]]:
-    """float64 y and the gradients of (x, A, B, m, b) for the upstream gradient dy."""
+    """float64 y and the gradients of (x, A, B, m, b) for the upstream gradient dy (no m: LoRA)."""
     leaves = {k: None if v is None else v.detach().to(F64).requires_grad_() for k, v in t.items()}
     V = leaves["W"].detach() + scaling * leaves["B"] @ leaves["A"]
-    W_adapted = leaves["m"].unsqueeze(1) * V / V.norm(dim=1, keepdim=True).detach()
+    W_adapted = V if leaves["m"] is None else leaves["m"].unsqueeze(1) * V / V.norm(dim=1, keepdim=True).detach()
     y = leaves["x"] @ W_adapted.T
     if leaves["b"] is not None:
         y = y + leaves["b"]
@@ -87,7 +87,10 @@ def _fast(t: dict[str, Tensor], scaling: float, dy: Tensor, impl: str) -> tuple[
         k: None if v is None else (v.detach().clone().requires_grad_() if k != "W" else v)
         for k, v in t.items()
     }
-    prepared = dora_prepare(leaves["W"], leaves["A"], leaves["B"], scaling, row_norm_sq(leaves["W"]), impl)
+    if leaves["m"] is None:
+        prepared = lora_prepare(leaves["A"], leaves["B"], scaling, leaves["W"].dtype, impl)
+    else:
+        prepared = dora_prepare(leaves["W"], leaves["A"], leaves["B"], scaling, row_norm_sq(leaves["W"]), impl)
     y = dora_linear(
         leaves["x"], leaves["W"], leaves["b"], leaves["A"], leaves["B"], leaves["m"], prepared, impl
     )
@@ -106,8 +109,11 @@ def _check(
     impl: str,
     device: str = "cpu",
     seed: int = 0,
+    lora: bool = False,
 ) -> None:
     t = _case(shape, dtype, bias, zero_m, seed, device)
+    if lora:
+        t["m"] = None
     scaling = 1.7
     dy = torch.randn(
         t["x"].shape[:-1] + (shape[2],), generator=torch.Generator().manual_seed(seed + 1), dtype=F64
@@ -136,6 +142,14 @@ def test_fused_matches_float64_reference(dtype: torch.dtype, shape: tuple, bias:
     _check(shape, dtype, bias, zero_m, "fused")
 
 
+@pytest.mark.parametrize("dtype", [F64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_lora_matches_float64_reference(dtype: torch.dtype, shape: tuple, bias: bool) -> None:
+    """LoRA through the same Function (no magnitude): y and the gradients of x, A, B, b."""
+    _check(shape, dtype, bias, False, "fused", lora=True)
+
+
 # ---- the Triton kernels: on CUDA if present, else the interpreter on CPU -------------------------
 
 
@@ -145,6 +159,13 @@ def test_fused_matches_float64_reference(dtype: torch.dtype, shape: tuple, bias:
 @pytest.mark.parametrize("bias,zero_m", [(True, False), (False, True), (True, True)])
 def test_triton_matches_float64_reference(dtype: torch.dtype, shape: tuple, bias: bool, zero_m: bool) -> None:
     _check(shape, dtype, bias, zero_m, "triton", DEVICE)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_triton_lora_matches_float64_reference(dtype: torch.dtype, shape: tuple) -> None:
+    _check(shape, dtype, True, False, "triton", DEVICE, lora=True)
 
 
 @needs_triton
@@ -162,26 +183,51 @@ def test_triton_norm_matches_float64(dtype: torch.dtype) -> None:
         assert torch.equal(got, want.to(dtype))  # one rounding of the float32 value, as .to(dtype)
 
 
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("out_in", [(20, 600), (70, 600), (130, 300)])
+def test_triton_prepare_over_several_tiles(dtype: torch.dtype, out_in: tuple[int, int]) -> None:
+    """K over several BLOCK_K tiles, with fewer, as many or more programs than tiles: every tile of
+    the A copies is written exactly once, and the norm matches float64."""
+    n, k = out_in
+    t = _case((1, k, n, 7), dtype, False, False, seed=5, device=DEVICE)
+    norm, a_c, a_s, b_c, b_s = dora_prepare(t["W"], t["A"], t["B"], 1.3, row_norm_sq(t["W"]), "triton")
+    W, A, B = (t[key].to(F64) for key in ("W", "A", "B"))
+    ref = (W + 1.3 * B @ A).norm(dim=1)
+    assert ((norm.to(F64) - ref).abs() / ref).max().item() <= REL_TOL[dtype]
+    for got, want in [(a_c, t["A"]), (a_s, 1.3 * t["A"]), (b_c, t["B"]), (b_s, 1.3 * t["B"])]:
+        assert torch.equal(got, want.to(dtype))
+    none, *copies = lora_prepare(t["A"], t["B"], 1.3, dtype, "triton")  # LoRA's copies kernel
+    assert none is None
+    for got, want in zip(copies, [a_c, a_s, b_c, b_s]):
+        assert torch.equal(got, want)
+
+
 # ---- the layer: backend choice ----------------------------------------------------------------
 
 
-def _linear_layer(backend: str = "auto", dtype: torch.dtype = torch.float32, **kw: object) -> LinearAdapter:
+def _linear_layer(
+    backend: str = "auto", dtype: torch.dtype = torch.float32, variant: str = "dora", **kw: object
+) -> LinearAdapter:
     torch.manual_seed(0)
     layer = LinearAdapter(
-        nn.Linear(24, 18).to(dtype).requires_grad_(False), "dora", 4, 8.0, backend=backend, **kw
+        nn.Linear(24, 18).to(dtype).requires_grad_(False), variant, 4, 8.0, backend=backend, **kw
     )
     with torch.no_grad():
         layer.lora_B.normal_(std=0.1)
-        layer.magnitude.mul_(torch.rand_like(layer.magnitude) + 0.5)
+        if variant == "dora":
+            layer.magnitude.mul_(torch.rand_like(layer.magnitude) + 0.5)
     return layer
 
 
 @pytest.mark.parametrize("backend", ["fused"] + (["triton"] if HAS_TRITON else []))
-def test_layer_backend_matches_torch_backend(backend: str) -> None:
+@pytest.mark.parametrize("variant", ["dora", "lora"])
+def test_layer_backend_matches_torch_backend(backend: str, variant: str) -> None:
     """Same layer, same input: output and every gradient (x, A, B, m, bias) as the eager reference path."""
     results = []
     for b in ("torch", backend):
-        layer = _linear_layer(b)
+        layer = _linear_layer(b, variant=variant)
+        assert layer._fast_impl(torch.randn(1, 24, device=DEVICE)) == (None if b == "torch" else backend)
         layer.base_layer.bias.requires_grad_(True)  # bias="all": the bias trains too
         layer.to(DEVICE)
         x = torch.randn(2, 5, 24, generator=torch.Generator().manual_seed(1)).to(DEVICE).requires_grad_()
@@ -193,7 +239,7 @@ def test_layer_backend_matches_torch_backend(backend: str) -> None:
                 x.grad,
                 layer.lora_A.grad,
                 layer.lora_B.grad,
-                layer.magnitude.grad,
+                layer.magnitude.grad if variant == "dora" else None,
                 layer.base_layer.bias.grad,
             ]
         )
@@ -212,6 +258,10 @@ def test_auto_picks_fused_on_cpu_and_eager_where_fused_cannot_run() -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):  # followed as autocast runs F.linear (next test)
         assert _linear_layer()._fast_impl(x) == "fused"
     assert _linear_layer("torch")._fast_impl(x) is None
+    assert _linear_layer(variant="lora")._fast_impl(x) == "fused"
+    assert _linear_layer(variant="lora", norm_grad="exact")._fast_impl(x) == "fused"  # LoRA has no norm
+    assert _linear_layer(variant="lora", dropout=0.1)._fast_impl(x) is None
+    assert LinearAdapter(nn.Linear(24, 18), "magnitude")._fast_impl(x) is None
 
 
 @pytest.mark.parametrize(("impl", "dtype"), [("fused", torch.bfloat16), ("fused", torch.float16)]
@@ -221,6 +271,7 @@ def test_fast_path_under_autocast_matches_float64(impl: str, dtype: torch.dtype)
     autocast runs F.linear: output (in that dtype) and every gradient (x, A, B, m, bias, each in its own
     dtype) against float64 on the same rounded x and W0, at the half-precision tolerance of the kernels."""
     _check_autocast(impl, dtype, "cpu")
+    _check_autocast(impl, dtype, "cpu", "lora")
 
 
 @gpu
@@ -229,10 +280,11 @@ def test_fast_path_under_autocast_matches_float64(impl: str, dtype: torch.dtype)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_fast_path_under_autocast_matches_float64(impl: str, dtype: torch.dtype) -> None:
     _check_autocast(impl, dtype, "cuda")
+    _check_autocast(impl, dtype, "cuda", "lora")
 
 
-def _check_autocast(impl: str, dtype: torch.dtype, device: str) -> None:
-    layer = _linear_layer(impl).to(device)
+def _check_autocast(impl: str, dtype: torch.dtype, device: str, variant: str = "dora") -> None:
+    layer = _linear_layer(impl, variant=variant).to(device)
     layer.base_layer.bias.requires_grad_(True)
     x = torch.randn(2, 5, 24, generator=torch.Generator().manual_seed(1)).to(device).requires_grad_()
     with torch.autocast(device, dtype=dtype):
@@ -240,12 +292,15 @@ def _check_autocast(impl: str, dtype: torch.dtype, device: str) -> None:
         y = layer(x)
     assert y.dtype == dtype
     dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(2), dtype=F64).to(device)
-    leaves = [x, layer.lora_A, layer.lora_B, layer.magnitude, layer.base_layer.bias]
+    m = layer.magnitude if variant == "dora" else None
+    names = [k for k, v in (("x", x), ("A", 1), ("B", 1), ("m", m), ("b", 1)) if v is not None]
+    leaves = [p for p in (x, layer.lora_A, layer.lora_B, m, layer.base_layer.bias) if p is not None]
     grads = torch.autograd.grad(y, leaves, dy.to(dtype))
     t = {"x": x.detach().to(dtype), "W": layer.base_layer.weight.to(dtype), "A": layer.lora_A.detach(),
-         "B": layer.lora_B.detach(), "m": layer.magnitude.detach(), "b": layer.base_layer.bias.detach().to(dtype)}
+         "B": layer.lora_B.detach(), "m": None if m is None else m.detach(),
+         "b": layer.base_layer.bias.detach().to(dtype)}
     y_ref, g_ref = _reference(t, layer.scaling, dy)
-    for name, fast, ref in [("y", y, y_ref), *zip(("x", "A", "B", "m", "b"), grads, g_ref.values())]:
+    for name, fast, ref in [("y", y, y_ref), *zip(names, grads, [g_ref[k] for k in names])]:
         err = ((fast.to(F64) - ref).norm() / ref.norm()).item()
         assert err <= REL_TOL[dtype], f"{impl} {dtype} {name}: relative error {err:.2e}"
     assert [g.dtype for g in grads] == [p.dtype for p in leaves]
@@ -258,8 +313,8 @@ def test_explicit_backend_that_cannot_run_raises() -> None:
         _linear_layer("fused", norm_grad="exact")
     with pytest.raises(ValueError, match="only nn.Linear"):
         ConvAdapter(nn.Conv2d(3, 4, 3), "dora", 2, backend="fused")
-    with pytest.raises(ValueError, match="variant"):
-        LinearAdapter(nn.Linear(8, 8), "lora", 2, backend="fused")
+    with pytest.raises(ValueError, match="variant='magnitude'"):
+        LinearAdapter(nn.Linear(8, 8), "magnitude", backend="fused")
     with pytest.raises(ValueError, match="backend must be"):
         LinearAdapter(nn.Linear(8, 8), "dora", 2, backend="cuda")
     with pytest.raises(dk.ConfigError, match="backend"):
@@ -309,6 +364,16 @@ def test_inference_norm_is_cached_until_an_adapter_tensor_changes() -> None:
 def test_gpu_matches_float64_reference(impl: str, dtype: torch.dtype, bias: bool, zero_m: bool) -> None:
     for shape in [(1000, 544, 1000, 16), (257, 2048, 5632, 16), (63, 384, 130, 8)]:
         _check(shape, dtype, bias, zero_m, impl, "cuda")
+
+
+@gpu
+@cuda
+@needs_triton
+@pytest.mark.parametrize("impl", ["fused", "triton"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_lora_matches_float64_reference(impl: str, dtype: torch.dtype) -> None:
+    for shape in [(1000, 544, 1000, 16), (257, 2048, 5632, 16), (63, 384, 130, 8)]:
+        _check(shape, dtype, True, False, impl, "cuda", lora=True)
 
 
 @gpu

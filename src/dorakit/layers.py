@@ -35,7 +35,7 @@ from .functional import (
     row_norm_sq,
     safe_sqrt,
 )
-from .kernels import BACKENDS, dora_linear, dora_prepare, triton_available, triton_interpreted
+from .kernels import BACKENDS, dora_linear, dora_prepare, lora_prepare, triton_available, triton_interpreted
 
 Variant = Literal["lora", "dora", "magnitude"]
 VARIANTS: tuple[Variant, ...] = ("lora", "dora", "magnitude")
@@ -216,8 +216,14 @@ class AdapterLayer(nn.Module):
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
             return dora_norm(self.weight_2d(), self.lora_A_2d(), self.lora_B_2d(), self.scaling, weight_sq)
 
-    def _prepared(self, impl: str) -> tuple[Tensor, ...]:
-        """dorakit.kernels.dora_prepare for the current W0, A, B: (norm, A, s·A, B, s·B), no graph.
+    def _prepare(self, weight: Tensor, weight_sq: Tensor, impl: str) -> tuple[Tensor | None, ...]:
+        """dorakit.kernels.dora_prepare (DoRA) or lora_prepare (LoRA: no norm) for W0 = ``weight``."""
+        if self.variant == "dora":
+            return dora_prepare(weight, self.lora_A, self.lora_B, self.scaling, weight_sq, impl)
+        return lora_prepare(self.lora_A, self.lora_B, self.scaling, weight.dtype, impl)
+
+    def _prepared(self, impl: str) -> tuple[Tensor | None, ...]:
+        """_prepare for the current W0, A, B: (norm or None, A, s·A, B, s·B), no graph.
 
         In eval mode it is cached until W0, A, B or s changes (seen through the version counters, as
         for weight_sq; not under torch.compile): generation with an unmerged adapter computes it once.
@@ -229,7 +235,7 @@ class AdapterLayer(nn.Module):
             key = (self._weight_sq_key, A._version, A.data_ptr(), B._version, B.data_ptr(), self.scaling, impl)
             if self._norm_cache is not None and self._norm_cache[0] == key:
                 return self._norm_cache[1]
-        prepared = dora_prepare(self.base_layer.weight, self.lora_A, self.lora_B, self.scaling, weight_sq, impl)
+        prepared = self._prepare(self.base_layer.weight, weight_sq, impl)
         if key is not None:
             self._norm_cache = (key, prepared)
         return prepared
@@ -242,16 +248,16 @@ class AdapterLayer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.merged or self.disabled:
             return self.base_layer(x)
-        if self.variant == "lora":
-            y = self.base_layer(x)
-            return (y + self.scaling * self._lora(self.lora_dropout(x))).to(y.dtype)
         impl = self._fast_impl(x)
-        if impl is not None:  # DoRA through dorakit.kernels: one autograd Function, the norm a constant
+        if impl is not None:  # LoRA / DoRA through dorakit.kernels: one autograd Function, the norm a constant
             cast = _autocast_dtype(x)
             if cast is not None:
                 return self._fast_autocast(x, impl, cast)
             return dora_linear(x, self.base_layer.weight, self.base_layer.bias, self.lora_A, self.lora_B,
-                               self.magnitude, self._prepared(impl), impl)
+                               self._fast_magnitude(), self._prepared(impl), impl)
+        if self.variant == "lora":
+            y = self.base_layer(x)
+            return (y + self.scaling * self._lora(self.lora_dropout(x))).to(y.dtype)
         scale = self.dora_scale()
         base = self._base(x)
         if self.variant == "magnitude":
@@ -269,18 +275,22 @@ class AdapterLayer(nn.Module):
         (a transient copy of W0, as autocast makes), the kernels themselves outside autocast."""
         weight, bias = self.base_layer.weight.to(dtype), self.base_layer.bias
         with torch.autocast(x.device.type, enabled=False):
-            prepared = dora_prepare(weight, self.lora_A, self.lora_B, self.scaling, self._weight_sq(), impl)
+            prepared = self._prepare(weight, self._weight_sq(), impl)
             return dora_linear(x.to(dtype), weight, None if bias is None else bias.to(dtype), self.lora_A,
-                               self.lora_B, self.magnitude, prepared, impl)
+                               self.lora_B, self._fast_magnitude(), prepared, impl)
+
+    def _fast_magnitude(self) -> Tensor | None:
+        """m for DoRA; None tells dora_linear to run LoRA."""
+        return self.magnitude if self.variant == "dora" else None
 
     # ---- backend choice ------------------------------------------------------------------------
     def _static_unsupported(self, impl: str) -> str | None:
         """Why ``impl`` ("fused" / "triton") can never run this adapter, or None."""
         if not self.supports_fused:
             return f"only nn.Linear adapters have it, not {type(self).__name__}"
-        if self.variant != "dora":
-            return f"it implements DoRA, not variant={self.variant!r}"
-        if self.norm_grad != "detach":
+        if self.variant == "magnitude":
+            return "it implements LoRA and DoRA, not variant='magnitude'"
+        if self.variant == "dora" and self.norm_grad != "detach":
             return "it treats the norm as a constant (norm_grad='detach'), not norm_grad='exact'"
         if impl == "triton" and not triton_available():
             return "triton is not installed"
@@ -312,7 +322,7 @@ class AdapterLayer(nn.Module):
         Triton interpreter);
         an explicit "fused" / "triton" that cannot run this call raises instead of falling back.
         """
-        if self.backend == "torch" or self.variant != "dora":
+        if self.backend == "torch" or self.variant == "magnitude":
             return None
         if self.backend == "auto":
             for impl in ("triton", "fused"):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib.util
 import os
 
-from .dora_linear import IMPLS, DoRALinearFunction, dora_linear, dora_norm, dora_prepare
+from .dora_linear import IMPLS, DoRALinearFunction, dora_linear, dora_norm, dora_prepare, lora_prepare
 
 BACKENDS = ("auto", "torch", "fused", "triton")
 """auto: the fastest path that supports the call; torch: the eager reference; fused, triton: dora_linear."""
@@ -37,6 +37,7 @@ __all__ = [
     "dora_linear",
     "dora_norm",
     "dora_prepare",
+    "lora_prepare",
     "triton_available",
     "triton_interpreted",
 ]

@@ -1,5 +1,8 @@
 """DoRA on a linear layer as one autograd Function: y = (m / n) ⊙ (x W0ᵀ + s·x Aᵀ Bᵀ) + b.
 
+LoRA is the same Function without a magnitude (g = 1): y = x W0ᵀ + b + s·x Aᵀ Bᵀ, the adapter's
+product added in place into the base product (no output-sized temporary), and the same backward.
+
 n = ||W0 + sBA||_c is passed in as a constant (norm_grad="detach", paper §4.3), so the Function
 needs no graph for it. Two implementations share the Function:
 
@@ -61,8 +64,14 @@ class DoRALinearFunction(torch.autograd.Function):
         impl: str,
     ) -> Tensor:
         x2 = x.reshape(-1, x.shape[-1])  # (M, K)
-        base = F.linear(x2, weight)  # (M, N) = x W0ᵀ
         h = F.linear(x2, a_s)  # (M, R) = s·x Aᵀ
+        if magnitude is None:  # LoRA
+            y = F.linear(x2, weight, bias).addmm_(h, b_c.T)  # x W0ᵀ + b, then += s·x Aᵀ Bᵀ in place
+            ctx.save_for_backward(x, weight, bias, None, None, a_c, b_c, b_s, h, None)
+            ctx.impl = impl
+            ctx.dtypes = (lora_A.dtype, lora_B.dtype)
+            return y.view(*x.shape[:-1], y.shape[-1])
+        base = F.linear(x2, weight)  # (M, N) = x W0ᵀ
         if impl == "triton":
             from .triton_dora import dora_forward
 
@@ -84,7 +93,9 @@ class DoRALinearFunction(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         dy2 = dy.reshape(-1, dy.shape[-1])  # (M, N)
         need_x, _, need_b, need_A, need_B, need_m = ctx.needs_input_grad[:6]
-        if ctx.impl == "triton":
+        if magnitude is None:  # LoRA: g = 1
+            dyp, grad_m = dy2, None
+        elif ctx.impl == "triton":
             from .triton_dora import dora_backward
 
             dyp, grad_m = dora_backward(
@@ -103,8 +114,9 @@ class DoRALinearFunction(torch.autograd.Function):
                 grad_A = _mm_acc(dh.T, x2, ctx.dtypes[0])
         if need_B:
             grad_B = _mm_acc(dyp.T, h, ctx.dtypes[1])
-        if need_b:
-            grad_b = dy2.sum(dim=0, dtype=norm.dtype).to(bias.dtype)  # float32 (float64) accumulation
+        if need_b:  # float32 (float64) accumulation
+            acc = torch.float64 if bias.dtype == torch.float64 else torch.float32
+            grad_b = dy2.sum(dim=0, dtype=acc).to(bias.dtype)
         if need_m:
             grad_m = grad_m.to(magnitude.dtype)
         return grad_x, None, grad_b, grad_A, grad_B, grad_m, None, None, None, None, None, None
@@ -115,13 +127,14 @@ def dora_prepare(
 ) -> tuple[Tensor, ...]:
     """(||W0 + sBA||_c (out,), A, s·A, B, s·B in W0's dtype), without a graph.
 
-    The norm is float32 (float64 for float64 layers): one Triton kernel, or functional.dora_norm.
+    The norm is float32 (float64 for float64 layers): one Triton kernel that squares W0 + sBA tile by
+    tile, or functional.dora_norm (factored, with the cached ||w||² = ``weight_sq``).
     """
     with torch.no_grad():
         if impl == "triton":
             from .triton_dora import dora_prepare as triton_prepare
 
-            return triton_prepare(weight, lora_A, lora_B, scaling, weight_sq)
+            return triton_prepare(weight, lora_A, lora_B, scaling)  # sums (w + s·BA)² itself: no ||w||²
         cd = weight.dtype
         norm = torch_dora_norm(weight, lora_A, lora_B, scaling, weight_sq)
         # copies even where the dtype matches: the Function must not get the same tensor twice (dynamo)
@@ -134,24 +147,44 @@ def dora_prepare(
         )
 
 
+def lora_prepare(
+    lora_A: Tensor, lora_B: Tensor, scaling: float, dtype: torch.dtype, impl: str = "fused"
+) -> tuple[Tensor | None, ...]:
+    """(None, A, s·A, B, s·B in ``dtype``) without a graph: what dora_linear takes for LoRA (no norm)."""
+    with torch.no_grad():
+        if impl == "triton":
+            from .triton_dora import lora_prepare as triton_prepare
+
+            return (None, *triton_prepare(lora_A, lora_B, scaling, dtype))
+        return (
+            None,
+            lora_A.to(dtype, copy=True),
+            (scaling * lora_A).to(dtype),
+            lora_B.to(dtype, copy=True),
+            (scaling * lora_B).to(dtype),
+        )
+
+
 def dora_linear(
     x: Tensor,
     weight: Tensor,
     bias: Tensor | None,
     lora_A: Tensor,
     lora_B: Tensor,
-    magnitude: Tensor,
-    prepared: tuple[Tensor, ...],
+    magnitude: Tensor | None,
+    prepared: tuple[Tensor | None, ...],
     impl: str = "fused",
 ) -> Tensor:
-    """y = (m / n) ⊙ (x W0ᵀ + s·x Aᵀ Bᵀ) + b with n a constant, through DoRALinearFunction.
+    """y = (m / n) ⊙ (x W0ᵀ + s·x Aᵀ Bᵀ) + b with n a constant, through DoRALinearFunction;
+    with magnitude None, LoRA: y = x W0ᵀ + b + s·x Aᵀ Bᵀ.
 
     Args:
         x: (..., in) in W0's dtype.
         weight: W0 (out, in), frozen. bias: (out,) or None (may be trainable).
-        lora_A: (r, in). lora_B: (out, r). magnitude: m (out,).
-        prepared: dora_prepare(weight, lora_A, lora_B, s, ||W0||², impl) for the current A, B.
-        impl: "fused" (torch ops) or "triton".
+        lora_A: (r, in). lora_B: (out, r). magnitude: m (out,), or None for LoRA.
+        prepared: dora_prepare(weight, lora_A, lora_B, s, ||W0||², impl) for the current A, B
+            (lora_prepare(lora_A, lora_B, s, W0's dtype, impl) for LoRA).
+        impl: "fused" (torch ops) or "triton" (DoRA's epilogues; LoRA's products are cuBLAS either way).
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}.")

@@ -2,7 +2,8 @@
 
 Shapes: W0 (N, K) = (out, in); A (R, K); B (N, R); x as (M, K) rows; y (M, N). All accumulation is
 float32; loads of bf16/fp16 tensors are upcast in registers. Float32 operands use IEEE float32
-dots (not tf32), so a float32 layer keeps float32 accuracy. Importing this module needs triton;
+(epilogues) or three-pass tf32 (the norm) dots, never plain tf32, so a float32 layer keeps float32
+accuracy. Importing this module needs triton;
 ``dorakit.kernels`` imports it lazily. On a CPU the kernels run under ``TRITON_INTERPRET=1``.
 """
 
@@ -25,7 +26,6 @@ def _prepare_kernel(
     W,
     A,
     B,
-    WSQ,
     NORM,
     AC,
     AS,
@@ -38,67 +38,93 @@ def _prepare_kernel(
     stride_wk,
     s,
     tiny,
-    IEEE: tl.constexpr,
+    NPROG,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):
-    """n = sqrt(max(||w||² + 2s·rowsum((W0Aᵀ) ⊙ B) + s²·rowsum((B·AAᵀ) ⊙ B), tiny)) for BLOCK_N rows,
-    and A, s·A, B, s·B in W0's dtype (what the products of the step use): one launch, one pass over W0."""
+    """n = sqrt(max(Σ_k (w + s·BA)², tiny)) for BLOCK_N rows, one pass over W0, and A, s·A, B, s·B in
+    W0's dtype (what the products of the step use).
+
+    Each (BLOCK_N, BLOCK_K) tile of W0 + s·BA is formed in registers (BA from float32 A and B through
+    three tf32 passes on the tensor cores, float32-accurate) and squared there: the dense matrix
+    never reaches memory, and there is no cancellation as in the factored ||w||² + 2s·(W0Aᵀ ⊙ B)
+    + s²·(BAAᵀ ⊙ B). The copies of A are written tile by tile, spread over the NPROG programs.
+    """
     pid = tl.program_id(0)
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     rr = tl.arange(0, BLOCK_R)
-    wa = tl.zeros((BLOCK_N, BLOCK_R), tl.float32)  # W0 Aᵀ for these rows
-    aa = tl.zeros((BLOCK_R, BLOCK_R), tl.float32)  # A Aᵀ (every program forms it; r²·K flops)
-    for k0 in range(0, K, BLOCK_K):  # the one pass over W0
-        rk = k0 + tl.arange(0, BLOCK_K)
-        w = tl.load(
-            W + rn[:, None] * stride_wn + rk[None, :] * stride_wk,
-            mask=(rn[:, None] < N) & (rk[None, :] < K),
-            other=0.0,
-        )  # (BN, BK)
-        a_mask = (rr[:, None] < R) & (rk[None, :] < K)
-        a = tl.load(A + rr[:, None] * K + rk[None, :], mask=a_mask, other=0.0).to(tl.float32)  # (BR, BK)
-        a_mine = (rr[:, None] < (pid == 0).to(tl.int32) * R) & (
-            rk[None, :] < K
-        )  # program 0 writes A's copies
-        tl.store(AC + rr[:, None] * K + rk[None, :], a.to(AC.dtype.element_ty), mask=a_mine)
-        tl.store(AS + rr[:, None] * K + rk[None, :], (a * s).to(AS.dtype.element_ty), mask=a_mine)
-        if IEEE:
-            wa += tl.dot(w.to(tl.float32), tl.trans(a), input_precision="ieee")
-        else:  # half-precision W0: W0Aᵀ in W0's dtype with float32 accumulation, as functional.dora_norm_sq
-            wa += tl.dot(w, tl.trans(a.to(w.dtype)))
-        aa += tl.dot(a, tl.trans(a), input_precision="ieee")
     b_mask = (rn[:, None] < N) & (rr[None, :] < R)
     b = tl.load(B + rn[:, None] * R + rr[None, :], mask=b_mask, other=0.0).to(tl.float32)  # (BN, BR)
     tl.store(BC + rn[:, None] * R + rr[None, :], b.to(BC.dtype.element_ty), mask=b_mask)
     tl.store(BS + rn[:, None] * R + rr[None, :], (b * s).to(BS.dtype.element_ty), mask=b_mask)
-    cross = tl.sum(wa * b, axis=1)
-    quad = tl.sum(tl.dot(b, aa, input_precision="ieee") * b, axis=1)
-    wsq = tl.load(WSQ + rn, mask=rn < N, other=1.0)
-    norm_sq = (wsq + 2.0 * s * cross + s * s * quad).to(tl.float32)
-    tl.store(NORM + rn, tl.sqrt(tl.maximum(norm_sq, tiny)), mask=rn < N)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+    for k0 in range(0, K, BLOCK_K):  # the one pass over W0
+        rk = k0 + tl.arange(0, BLOCK_K)
+        a = tl.load(
+            A + rr[:, None] * K + rk[None, :], mask=(rr[:, None] < R) & (rk[None, :] < K), other=0.0
+        ).to(tl.float32)  # (BR, BK)
+        k_mine = ((k0 // BLOCK_K) % NPROG == pid).to(tl.int32) * K  # this program writes A's tile k0
+        a_mask = (rr[:, None] < R) & (rk[None, :] < k_mine)
+        tl.store(AC + rr[:, None] * K + rk[None, :], a.to(AC.dtype.element_ty), mask=a_mask)
+        tl.store(AS + rr[:, None] * K + rk[None, :], (a * s).to(AS.dtype.element_ty), mask=a_mask)
+        w = tl.load(
+            W + rn[:, None] * stride_wn + rk[None, :] * stride_wk,
+            mask=(rn[:, None] < N) & (rk[None, :] < K),
+            other=0.0,
+        ).to(tl.float32)  # (BN, BK)
+        v = (w + s * tl.dot(b, a, input_precision="tf32x3")).to(tl.float32)  # W0 + sBA (s may come as fp64)
+        acc += v * v
+    tl.store(NORM + rn, tl.sqrt(tl.maximum(tl.sum(acc, axis=1), tiny)), mask=rn < N)
+
+
+@triton.jit
+def _copies_kernel(A, B, AC, AS, BC, BS, N, K, R, s, NPROG, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   BLOCK_R: tl.constexpr):
+    """A, s·A, B, s·B in the output dtype (LoRA's _prepare_kernel: no norm), as _prepare_kernel writes them."""
+    pid = tl.program_id(0)
+    rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    rr = tl.arange(0, BLOCK_R)
+    b_mask = (rn[:, None] < N) & (rr[None, :] < R)
+    b = tl.load(B + rn[:, None] * R + rr[None, :], mask=b_mask, other=0.0).to(tl.float32)
+    tl.store(BC + rn[:, None] * R + rr[None, :], b.to(BC.dtype.element_ty), mask=b_mask)
+    tl.store(BS + rn[:, None] * R + rr[None, :], (b * s).to(BS.dtype.element_ty), mask=b_mask)
+    for k0 in range(pid * BLOCK_K, K, NPROG * BLOCK_K):  # A's tiles, spread over the programs
+        rk = k0 + tl.arange(0, BLOCK_K)
+        a_mask = (rr[:, None] < R) & (rk[None, :] < K)
+        a = tl.load(A + rr[:, None] * K + rk[None, :], mask=a_mask, other=0.0).to(tl.float32)
+        tl.store(AC + rr[:, None] * K + rk[None, :], a.to(AC.dtype.element_ty), mask=a_mask)
+        tl.store(AS + rr[:, None] * K + rk[None, :], (a * s).to(AS.dtype.element_ty), mask=a_mask)
+
+
+PREPARE_CONFIG = {
+    "half": {"block_n": 32, "block_k": 256, "num_warps": 8, "num_stages": 3},
+    "float32": {"block_n": 16, "block_k": 256, "num_warps": 8, "num_stages": 3},
+}
+"""Launch settings of _prepare_kernel by W0's dtype, chosen on an H100 over the LLaMA-1B / 8B
+projection shapes (benchmarks/bench_kernels.py prints what they reach)."""
 
 
 def dora_prepare(
-    weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, weight_sq: Tensor
+    weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, config: dict | None = None
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(||W0 + sBA||_c (N,) float32, A, s·A (R, K), B, s·B (N, R) in W0's dtype), one launch.
 
-    See functional.dora_norm_sq for the formula; the norm is what dora_linear's Function takes.
+    The norm is what dora_linear's Function takes. ``config`` overrides the launch settings (benchmarks).
     """
+    cfg = config or PREPARE_CONFIG["float32" if weight.dtype == torch.float32 else "half"]
     N, K = weight.shape
     R = lora_A.shape[0]
     A, B = lora_A.contiguous(), lora_B.contiguous()
     norm = torch.empty(N, device=weight.device, dtype=torch.float32)
     a_c, a_s = (torch.empty((R, K), device=weight.device, dtype=weight.dtype) for _ in range(2))
     b_c, b_s = (torch.empty((N, R), device=weight.device, dtype=weight.dtype) for _ in range(2))
-    grid = (triton.cdiv(N, 32),)
-    _prepare_kernel[grid](
+    block_n = cfg["block_n"]
+    nprog = triton.cdiv(N, block_n)
+    _prepare_kernel[(nprog,)](
         weight,
         A,
         B,
-        weight_sq,
         norm,
         a_c,
         a_s,
@@ -111,13 +137,42 @@ def dora_prepare(
         weight.stride(1),
         scaling,
         TINY,
-        IEEE=weight.dtype == torch.float32,
-        BLOCK_N=32,
-        BLOCK_K=128,
+        nprog,
+        BLOCK_N=block_n,
+        BLOCK_K=cfg["block_k"],
         BLOCK_R=_block_r(R),
-        num_warps=4,
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
     )
     return norm, a_c, a_s, b_c, b_s
+
+
+def lora_prepare(lora_A: Tensor, lora_B: Tensor, scaling: float, dtype: torch.dtype) -> tuple[Tensor, ...]:
+    """(A, s·A (R, K), B, s·B (N, R)) in ``dtype``, one launch (LoRA: no norm)."""
+    (N, R), K = lora_B.shape, lora_A.shape[1]
+    A, B = lora_A.contiguous(), lora_B.contiguous()
+    a_c, a_s = (torch.empty((R, K), device=A.device, dtype=dtype) for _ in range(2))
+    b_c, b_s = (torch.empty((N, R), device=A.device, dtype=dtype) for _ in range(2))
+    cfg = PREPARE_CONFIG["half"]
+    nprog = triton.cdiv(N, cfg["block_n"])
+    _copies_kernel[(nprog,)](
+        A,
+        B,
+        a_c,
+        a_s,
+        b_c,
+        b_s,
+        N,
+        K,
+        R,
+        scaling,
+        nprog,
+        BLOCK_N=cfg["block_n"],
+        BLOCK_K=cfg["block_k"],
+        BLOCK_R=_block_r(R),
+        num_warps=cfg["num_warps"],
+    )
+    return a_c, a_s, b_c, b_s
 
 
 @triton.jit

@@ -1,0 +1,75 @@
+"""The DoRA kernels alone, on the projection shapes of LLaMA-1B / LLaMA-3-8B: time and bandwidth.
+
+For each (out, in) shape: the per-step norm and adapter copies (``dora_prepare``: the Triton kernel,
+and the torch ops of the "fused" backend), with the bandwidth it reaches reading W0 once (median of
+do_bench, L2 flushed). ``--sweep`` tries other launch settings on the 1B shapes; the ones kept in
+``dorakit.kernels.triton_dora.PREPARE_CONFIG`` were chosen that way.
+
+    python benchmarks/bench_kernels.py                      # bf16, r = 16, CUDA
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import itertools
+
+import torch
+
+SHAPES = {  # (out, in) of each projection kind
+    "llama-1b": {"q/o": (2048, 2048), "k/v": (256, 2048), "gate/up": (5632, 2048), "down": (2048, 5632)},
+    "llama-8b": {"q/o": (4096, 4096), "k/v": (1024, 4096), "gate/up": (14336, 4096), "down": (4096, 14336)},
+}
+
+
+def bench_us(fn: functools.partial) -> float:
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=25, rep=100) * 1e3  # median µs (do_bench flushes L2 between calls)
+
+
+def main() -> None:
+    from dorakit.functional import row_norm_sq
+    from dorakit.kernels import dora_prepare, triton_dora
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--sweep", action="store_true", help="try every launch setting, not just the kept one")
+    args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
+    print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}; {args.dtype}; r={args.rank}")
+    configs = [None]  # None: the kept triton_dora.PREPARE_CONFIG
+    if args.sweep:
+        configs += [{"block_n": bn, "block_k": bk, "num_warps": nw, "num_stages": ns}
+                    for bn, bk, nw, ns in itertools.product((16, 32, 64), (64, 128, 256), (4, 8), (2, 3))
+                    if bn * bk <= 16384]
+    for preset, shapes in SHAPES.items():
+        for name, (n, k) in shapes.items():
+            cfgs = configs if preset == "llama-1b" else configs[:1]  # the sweep on the 1B shapes only
+            torch.manual_seed(0)
+            w = torch.randn(n, k, device="cuda", dtype=dtype) / k**0.5
+            a = torch.randn(args.rank, k, device="cuda") / k**0.5
+            b = torch.randn(n, args.rank, device="cuda") * 0.01
+            wsq = row_norm_sq(w)
+            w_bytes = w.numel() * w.element_size()
+            ref = dora_prepare(w, a, b, 2.0, wsq, "fused")[0]
+            rows = [("torch (fused backend)", bench_us(functools.partial(dora_prepare, w, a, b, 2.0, wsq, "fused")))]
+            for cfg in cfgs:
+                try:
+                    out = triton_dora.dora_prepare(w, a, b, 2.0, cfg)[0]
+                except Exception as e:  # noqa: BLE001 - a launch setting the compiler rejects
+                    print(f"  {cfg}: {type(e).__name__}")
+                    continue
+                err = ((out - ref).abs() / ref).max().item()
+                label = "triton " + ("(kept)" if cfg is None else str(cfg))
+                us = bench_us(functools.partial(triton_dora.dora_prepare, w, a, b, 2.0, cfg))
+                rows.append((f"{label} rel.err {err:.1e}", us))
+            rows.sort(key=lambda r: r[1])
+            print(f"{preset} {name} ({n} x {k}): reading W0 once at 3.35 TB/s = {w_bytes / 3.35e12 * 1e6:.1f} us")
+            for label, us in rows[: 8 if args.sweep else len(rows)]:
+                print(f"  {us:8.1f} us  {w_bytes / us / 1e3:7.0f} GB/s  {label}")
+
+
+if __name__ == "__main__":
+    main()
