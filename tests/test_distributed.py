@@ -325,3 +325,29 @@ def test_a_process_group_the_caller_made_is_left_to_the_caller(lm: SimpleNamespa
         monkeypatch.delenv(key)
     assert main(_argv(lm, tmp_path / "ref", "--batch-size", "4")) == 0
     _assert_same_training(tmp_path / "out", tmp_path / "ref")  # DDP on the caller's group of 1 trained as usual
+
+
+def test_compile_trains_what_eager_trains(runs: dict[str, Path], lm: SimpleNamespace, tmp_path: Path) -> None:
+    """--compile (torch.compile in place): the same losses and adapter as the eager one-process run, to
+    float32 reordering; its checkpoints keep the model's own names (a compiled run resumes an eager one's)."""
+    from torch._dynamo.utils import counters
+
+    out = tmp_path / "compiled"
+    counters.clear()
+    assert main(_argv(lm, out, "--batch-size", "4", "--compile")) == 0
+    assert counters["stats"]["unique_graphs"] >= 1  # the steps did run compiled
+    assert _losses(out) == pytest.approx(_losses(runs["one"]), rel=1e-4, abs=0)
+    ta, tb = _adapter(out), _adapter(runs["one"])
+    assert ta.keys() == tb.keys()
+    for key in ta:
+        torch.testing.assert_close(ta[key], tb[key], rtol=1e-4, atol=1e-5, msg=key)
+    from dorakit.checkpoint import read_checkpoint
+
+    compiled_ckpt = read_checkpoint(out / "checkpoints" / "step-0000002")
+    assert compiled_ckpt.keys() == read_checkpoint(runs["one"] / "checkpoints" / "step-0000002").keys()
+
+
+def test_compile_with_4bit_is_refused_before_loading(lm: SimpleNamespace, tmp_path: Path) -> None:
+    out = tmp_path / "refused"
+    assert main(_argv(lm, out, "--compile", "--load-in-4bit")) == 2
+    assert not out.exists()

@@ -82,6 +82,9 @@ def _finetune_flags(p: argparse.ArgumentParser) -> None:
                    help="none: one process; ddp / fsdp (FSDP2, sharded per decoder layer): several processes started "
                    "by torchrun --nproc-per-node N -m dorakit finetune ... or accelerate launch --multi_gpu")
     p.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last checkpoint")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the model (fewer launches: the eager GPU step is host-bound); compiling takes "
+                   "a minute or more at the start and again for new sequence lengths")
     d = TrainConfig()
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
@@ -255,7 +258,7 @@ def _finetune_args(args: argparse.Namespace):
                       train_on_inputs=args.train_on_inputs, eval_data=args.eval_data, eval_limit=args.eval_limit,
                       gradient_checkpointing=args.gradient_checkpointing, record_deltas=args.record_deltas,
                       load_in_4bit=args.load_in_4bit,
-                      device=args.device, strategy=args.strategy, resume=args.resume,
+                      device=args.device, strategy=args.strategy, resume=args.resume, compile=args.compile,
                       train=_train_config(args))
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -132,6 +132,8 @@ class FinetuneArgs:
     strategy: str = "none"
     """"none" (one process), or "ddp" / "fsdp" under torchrun or accelerate launch (dorakit.distributed)."""
     resume: bool = False
+    compile: bool = False
+    """torch.compile the model (in place: parameter names, checkpoints and saved adapters are unchanged)."""
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
@@ -170,6 +172,23 @@ def _steps(args: FinetuneArgs, n_items: int, global_batch: int) -> TrainConfig:
     return TrainConfig(**{**asdict(args.train), "max_steps": steps})
 
 
+def _check_compile(args: FinetuneArgs) -> None:
+    if args.compile and args.load_in_4bit:
+        raise RecipeError("--compile with --load-in-4bit: bitsandbytes' 4-bit layers are not compiled here; drop "
+                          "--compile (or --load-in-4bit).")
+    if args.compile and not hasattr(torch.compiler, "set_stance"):
+        raise RecipeError(f"--compile needs torch >= 2.6 (evaluation runs eager through torch.compiler.set_stance); "
+                          f"this is torch {torch.__version__}. Upgrade torch or drop --compile.")
+
+
+def _eager(evaluate: Callable[[nn.Module], dict[str, float]]) -> Callable[[nn.Module], dict[str, float]]:
+    """``evaluate`` run without the compiled forward: generation's growing shapes would recompile."""
+    def run(model: nn.Module) -> dict[str, float]:
+        with torch.compiler.set_stance("force_eager"):
+            return evaluate(model)
+    return run
+
+
 def _check_distributed(args: FinetuneArgs, d: Dist) -> None:
     """Settings that one process runs but several cannot (yet); before anything is loaded."""
     if d.world_size == 1 and d.strategy == "none":
@@ -201,6 +220,7 @@ def finetune(args: FinetuneArgs) -> FinetuneOutcome:
 
 def _finetune(args: FinetuneArgs, task: str, d: Dist, device: torch.device) -> FinetuneOutcome:
     _check_distributed(args, d)
+    _check_compile(args)
     torch.manual_seed(args.train.seed)  # a new head's and the adapters' initial values follow --seed too
     if task == "causal":
         model, tokenizer = load_model(args.model, task, load_in_4bit=args.load_in_4bit, device=device)
@@ -236,9 +256,11 @@ def _finetune(args: FinetuneArgs, task: str, d: Dist, device: torch.device) -> F
     global_batch = args.batch_size * args.train.grad_accum * d.world_size
     tcfg = _steps(args, n_items, global_batch)
     evaluate = _eval_fn(args, task, tokenizer, labels) if args.eval_data else None
+    if evaluate is not None and args.compile:
+        evaluate = _eager(evaluate)
     identity = {k: v for k, v in asdict(args).items()  # the global batch stands for batch_size (train adds it)
                 if k not in ("train", "device", "eval_limit", "resume", "record_deltas", "output_dir", "batch_size",
-                             "strategy")}
+                             "strategy", "compile")}
     for key in ("model", "data", "eval_data"):  # the same files however the path is spelled
         if identity[key] is not None:
             identity[key] = os.path.abspath(identity[key])
@@ -253,6 +275,8 @@ def _finetune(args: FinetuneArgs, task: str, d: Dist, device: torch.device) -> F
                 _save_deltas(recorder, deltas_path, first_new_step=start)
         callbacks = [recorder, save_with_checkpoint]
     engine = wrap(model, d, device, tcfg.precision)
+    if args.compile:  # in place (nn.Module.compile): the state dict keeps the model's own names
+        engine.compile()
     result = train(engine, batches, make_batch, tcfg, args.output_dir, identity=identity, evaluate=evaluate,
                    callbacks=callbacks, resume=args.resume, device=device,
                    items=_causal_items if task == "causal" else None, dist=d)
