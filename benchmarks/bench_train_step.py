@@ -52,7 +52,6 @@ def wrap(model: torch.nn.Module, method: str, rank: int) -> torch.nn.Module:
     if method == "frozen":  # the floor: backward through every layer, nothing to update (see inputs())
         return model.requires_grad_(False)
     parts = method.split("-")
-    parts = method.split("-")
     if parts[0] == "dorakit":
         backend = parts[2] if len(parts) > 2 else "auto"
         dk.apply_adapters(model, dk.AdapterConfig(method=parts[1], rank=rank, alpha=2 * rank, targets=TARGETS,

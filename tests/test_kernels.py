@@ -352,6 +352,121 @@ def test_inference_norm_is_cached_until_an_adapter_tensor_changes() -> None:
     assert layer._norm_cache is cached  # training mode neither reads nor writes the cache
 
 
+def test_norm_cache_is_dropped_between_train_and_eval() -> None:
+    """A fused optimizer updates A and B without bumping their version counters (a write through
+    .data does the same): the next eval phase must still see the update, since train()/eval() drop
+    the cache. LoRA's copies are never cached."""
+    layer = _linear_layer().eval()
+    x = torch.randn(4, 24)
+    with torch.no_grad():
+        y1 = layer(x)
+    layer.train()
+    layer.lora_B.data.add_(0.05)  # no version bump, as torch.optim.AdamW(fused=True)
+    layer.eval()
+    with torch.no_grad():
+        y2 = layer(x)
+        ref = _linear_layer("torch").eval()
+        ref.load_state_dict(layer.state_dict())
+        torch.testing.assert_close(y2, ref(x), rtol=1e-5, atol=1e-5)
+    assert not y2.equal(y1)
+    layer.train().eval()
+    layer(x)  # with grad (training steps in eval mode): never cached
+    assert layer._norm_cache is None
+    lora = _linear_layer(variant="lora").eval()
+    with torch.no_grad():
+        lora(x)
+        assert lora._norm_cache is None
+        before = lora(x)
+        lora.lora_B.data.add_(0.05)
+        assert not lora(x).equal(before)
+
+
+def test_lora_with_hooks_on_the_base_layer_takes_the_eager_path() -> None:
+    """The eager LoRA path calls the base layer, so its forward hooks run; the fast path would skip them."""
+    layer = _linear_layer(variant="lora")
+    x = torch.randn(3, 24)
+    assert layer._fast_impl(x) == "fused"
+    calls = []
+    handle = layer.base_layer.register_forward_hook(lambda mod, inp, out: calls.append(out.shape))
+    assert layer._fast_impl(x) is None
+    layer(x)
+    assert calls == [torch.Size([3, 18])]
+    handle.remove()
+    assert layer._fast_impl(x) == "fused"
+    with pytest.raises(RuntimeError, match="forward hooks"):
+        hooked = _linear_layer("fused", variant="lora")
+        hooked.base_layer.register_forward_pre_hook(lambda mod, inp: None)
+        hooked(x)
+
+
+def test_triton_takes_ranks_up_to_its_limit() -> None:
+    from dorakit.layers import TRITON_MAX_RANK
+
+    for rank, reason in ((TRITON_MAX_RANK, None), (TRITON_MAX_RANK + 1, "shared memory")):
+        layer = LinearAdapter(nn.Linear(300, 300).requires_grad_(False), "dora", rank, 8.0)
+        got = layer._runtime_unsupported("triton", torch.randn(2, 300))
+        if reason is None:
+            assert got is None or "CUDA" in got  # on a CPU without the interpreter: the device reason
+        else:
+            assert reason in got
+
+
+_AOT = """
+import json, sys
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from dorakit.kernels import triton_dora as td
+from dorakit.layers import TRITON_MAX_RANK
+
+target = GPUTarget("cuda", 86, 32)
+def shared(fn, sig, consts, **opts):
+    return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=target, options=opts).metadata.shared
+try:
+    shared(td._copies_kernel, {"A": "*fp32", "B": "*fp32", "AC": "*bf16", "AS": "*bf16", "BC": "*bf16", "BS": "*bf16",
+           "N": "i32", "K": "i32", "R": "i32", "s": "fp32", "NPROG": "i32", "BLOCK_N": "constexpr",
+           "BLOCK_K": "constexpr", "BLOCK_R": "constexpr"}, {"BLOCK_N": 32, "BLOCK_K": 64, "BLOCK_R": 16})
+except Exception as e:  # no CUDA code generation on this machine (ptxas missing, say)
+    print(type(e).__name__, e)
+    sys.exit(3)
+br, out = td._block_r(TRITON_MAX_RANK), {}
+for wdt, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+    cfg = td.prepare_config(dtype, TRITON_MAX_RANK)
+    sig = {"W": f"*{wdt}", "A": "*fp32", "B": "*fp32", "NORM": "*fp32", "AC": f"*{wdt}", "AS": f"*{wdt}",
+           "BC": f"*{wdt}", "BS": f"*{wdt}", "N": "i32", "K": "i32", "R": "i32", "stride_wn": "i32",
+           "stride_wk": "i32", "s": "fp32", "tiny": "fp32", "NPROG": "i32", "BLOCK_N": "constexpr",
+           "BLOCK_K": "constexpr", "BLOCK_R": "constexpr"}
+    out["prepare " + wdt] = shared(td._prepare_kernel, sig, {"BLOCK_N": cfg["block_n"], "BLOCK_K": cfg["block_k"],
+                                   "BLOCK_R": br}, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+sig = {"BASE": "*fp32", "H": "*fp32", "B": "*fp32", "MAG": "*fp32", "NORM": "*fp32", "BIAS": "*fp32", "Y": "*fp32",
+       "M": "i32", "N": "i32", "R": "i32", "HAS_BIAS": "constexpr", "IEEE": "constexpr", "BLOCK_M": "constexpr",
+       "BLOCK_N": "constexpr", "BLOCK_R": "constexpr"}
+out["forward fp32"] = shared(td._forward_kernel, sig, {"HAS_BIAS": True, "IEEE": True, "BLOCK_M": 64, "BLOCK_N": 128,
+                             "BLOCK_R": br}, num_warps=4)
+print(json.dumps(out))
+"""
+
+
+@needs_triton
+def test_triton_kernels_fit_the_shared_memory_of_an_sm86_gpu() -> None:
+    """Compiled ahead of time for sm_86 (101,376 bytes of shared memory per block), outside the
+    interpreter, at the largest rank the Triton path takes, in the dtypes that need the most."""
+    import json
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _AOT], capture_output=True, text=True, env=env, timeout=600,
+                          check=False)
+    if proc.returncode == 3:
+        pytest.skip(f"triton cannot generate CUDA code here: {proc.stdout.strip()[:200]}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    sizes = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(sizes) == 3
+    for kernel, size in sizes.items():
+        assert size <= 101_376, f"{kernel}: {size} bytes of shared memory"
+
+
 # ---- GPU: bf16, the shapes of a real model, torch.compile -----------------------------------------
 
 

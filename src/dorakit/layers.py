@@ -47,6 +47,20 @@ def _autocast_dtype(x: Tensor) -> torch.dtype | None:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
 
 
+TRITON_MAX_RANK = 128
+"""The largest rank the Triton kernels take: their shared memory stays under the 101,376 bytes of an
+sm_86 / sm_89 GPU (tests/test_kernels.py compiles them for it); above it "auto" runs the fused path."""
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    """Whether calling ``module`` would run forward (pre-)hooks of its own or global ones."""
+    from torch.nn.modules import module as nn_module
+
+    return bool(module._forward_hooks or module._forward_pre_hooks
+                or getattr(nn_module, "_global_forward_hooks", None)
+                or getattr(nn_module, "_global_forward_pre_hooks", None))
+
+
 class AdapterStateError(RuntimeError):
     """An operation that does not fit the adapter's state (merging twice, unmerging unmerged)."""
 
@@ -225,12 +239,15 @@ class AdapterLayer(nn.Module):
     def _prepared(self, impl: str) -> tuple[Tensor | None, ...]:
         """_prepare for the current W0, A, B: (norm or None, A, s·A, B, s·B), no graph.
 
-        In eval mode it is cached until W0, A, B or s changes (seen through the version counters, as
-        for weight_sq; not under torch.compile): generation with an unmerged adapter computes it once.
+        DoRA's is cached in eval mode without grad until W0, A, B or s changes (version counters, as
+        for weight_sq; not under torch.compile), and dropped whenever the layer switches between
+        train and eval (a fused optimizer updates A and B without bumping their version counters):
+        generation with an unmerged adapter computes it once. LoRA's (copies only) is not cached.
         """
         weight_sq = self._weight_sq()
         key = None
-        if not self.training and self.cache_norm and not torch.compiler.is_compiling():
+        if (self.variant == "dora" and not self.training and not torch.is_grad_enabled() and self.cache_norm
+                and not torch.compiler.is_compiling()):
             A, B = self.lora_A, self.lora_B
             key = (self._weight_sq_key, A._version, A.data_ptr(), B._version, B.data_ptr(), self.scaling, impl)
             if self._norm_cache is not None and self._norm_cache[0] == key:
@@ -239,6 +256,11 @@ class AdapterLayer(nn.Module):
         if key is not None:
             self._norm_cache = (key, prepared)
         return prepared
+
+    def train(self, mode: bool = True) -> AdapterLayer:
+        """nn.Module.train, dropping the eval-mode norm cache (see _prepared)."""
+        self._norm_cache = None
+        return super().train(mode)
 
     def dora_scale(self) -> Tensor:
         """g = m / ||W0 + sBA||_c, (out,), float32; the norm is a constant in backward unless norm_grad="exact"."""
@@ -308,7 +330,11 @@ class AdapterLayer(nn.Module):
             return f"the input is {x.dtype} but W0 is {weight.dtype}"
         if weight.requires_grad:
             return "W0 requires grad (it is frozen in an adapter)"
+        if self.variant == "lora" and _has_hooks(self.base_layer):
+            return "the base layer has forward hooks (the eager LoRA path calls it, so they run)"
         if impl == "triton":
+            if self.rank > TRITON_MAX_RANK:
+                return f"rank {self.rank} > {TRITON_MAX_RANK} (the kernels' tiles would not fit in shared memory)"
             if cast is None and weight.dtype not in (torch.float16, torch.bfloat16, torch.float32):
                 return f"the kernels take float16, bfloat16 or float32, not {weight.dtype}"
             if not weight.is_cuda and not triton_interpreted():

@@ -102,7 +102,18 @@ PREPARE_CONFIG = {
     "float32": {"block_n": 16, "block_k": 256, "num_warps": 8, "num_stages": 3},
 }
 """Launch settings of _prepare_kernel by W0's dtype, chosen on an H100 over the LLaMA-1B / 8B
-projection shapes (benchmarks/bench_kernels.py prints what they reach)."""
+projection shapes at r = 16 (benchmarks/bench_kernels.py prints what they reach). Larger ranks take
+a narrower block_k (prepare_config), so that the pipelined fp32 tiles of A fit in shared memory."""
+
+MAX_A_TILE = 4096
+"""BLOCK_R × BLOCK_K at most: 40–70 KB of shared memory over 3 stages (sm_86 / sm_90, r ≤ 128)."""
+
+
+def prepare_config(dtype: torch.dtype, rank: int) -> dict[str, int]:
+    """PREPARE_CONFIG for W0's ``dtype``, with block_k narrowed for ranks above 16."""
+    cfg = dict(PREPARE_CONFIG["float32" if dtype == torch.float32 else "half"])
+    cfg["block_k"] = min(cfg["block_k"], max(16, MAX_A_TILE // _block_r(rank)))
+    return cfg
 
 
 def dora_prepare(
@@ -112,9 +123,9 @@ def dora_prepare(
 
     The norm is what dora_linear's Function takes. ``config`` overrides the launch settings (benchmarks).
     """
-    cfg = config or PREPARE_CONFIG["float32" if weight.dtype == torch.float32 else "half"]
     N, K = weight.shape
     R = lora_A.shape[0]
+    cfg = config or prepare_config(weight.dtype, R)
     A, B = lora_A.contiguous(), lora_B.contiguous()
     norm = torch.empty(N, device=weight.device, dtype=torch.float32)
     a_c, a_s = (torch.empty((R, K), device=weight.device, dtype=weight.dtype) for _ in range(2))
@@ -153,7 +164,7 @@ def lora_prepare(lora_A: Tensor, lora_B: Tensor, scaling: float, dtype: torch.dt
     A, B = lora_A.contiguous(), lora_B.contiguous()
     a_c, a_s = (torch.empty((R, K), device=A.device, dtype=dtype) for _ in range(2))
     b_c, b_s = (torch.empty((N, R), device=A.device, dtype=dtype) for _ in range(2))
-    cfg = PREPARE_CONFIG["half"]
+    cfg = prepare_config(dtype, R)
     nprog = triton.cdiv(N, cfg["block_n"])
     _copies_kernel[(nprog,)](
         A,
