@@ -135,16 +135,19 @@ def dora_prepare(
             from .triton_dora import dora_prepare as triton_prepare
 
             return triton_prepare(weight, lora_A, lora_B, scaling)  # sums (w + s·BA)² itself: no ||w||²
-        cd = weight.dtype
         norm = torch_dora_norm(weight, lora_A, lora_B, scaling, weight_sq)
-        # copies even where the dtype matches: the Function must not get the same tensor twice (dynamo)
-        return (
-            norm,
-            lora_A.to(cd, copy=True),
-            (scaling * lora_A).to(cd),
-            lora_B.to(cd, copy=True),
-            (scaling * lora_B).to(cd),
-        )
+        return (norm, *_copies(lora_A, lora_B, scaling, weight.dtype))
+
+
+def _copies(lora_A: Tensor, lora_B: Tensor, scaling: float, dtype: torch.dtype) -> tuple[Tensor, ...]:
+    """A, s·A, B, s·B in ``dtype``: copies even where the dtype matches, since the Function must not
+    get the same tensor twice (dynamo)."""
+    return (
+        lora_A.to(dtype, copy=True),
+        (scaling * lora_A).to(dtype),
+        lora_B.to(dtype, copy=True),
+        (scaling * lora_B).to(dtype),
+    )
 
 
 def lora_prepare(
@@ -156,13 +159,7 @@ def lora_prepare(
             from .triton_dora import lora_prepare as triton_prepare
 
             return (None, *triton_prepare(lora_A, lora_B, scaling, dtype))
-        return (
-            None,
-            lora_A.to(dtype, copy=True),
-            (scaling * lora_A).to(dtype),
-            lora_B.to(dtype, copy=True),
-            (scaling * lora_B).to(dtype),
-        )
+        return (None, *_copies(lora_A, lora_B, scaling, dtype))
 
 
 def dora_linear(
