@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..functional import accumulation_dtype
 from ..functional import dora_norm as torch_dora_norm
 
 IMPLS = ("fused", "triton")
@@ -55,8 +56,8 @@ class DoRALinearFunction(torch.autograd.Function):
         bias: Tensor | None,
         lora_A: Tensor,
         lora_B: Tensor,  # noqa: ANN001
-        magnitude: Tensor,
-        norm: Tensor,
+        magnitude: Tensor | None,
+        norm: Tensor | None,
         a_c: Tensor,
         a_s: Tensor,
         b_c: Tensor,
@@ -67,18 +68,14 @@ class DoRALinearFunction(torch.autograd.Function):
         h = F.linear(x2, a_s)  # (M, R) = s·x Aᵀ
         if magnitude is None:  # LoRA
             y = F.linear(x2, weight, bias).addmm_(h, b_c.T)  # x W0ᵀ + b, then += s·x Aᵀ Bᵀ in place
-            ctx.save_for_backward(x, weight, bias, None, None, a_c, b_c, b_s, h, None)
-            ctx.impl = impl
-            ctx.dtypes = (lora_A.dtype, lora_B.dtype)
-            return y.view(*x.shape[:-1], y.shape[-1])
-        base = F.linear(x2, weight)  # (M, N) = x W0ᵀ
-        if impl == "triton":
+            saved = None
+        elif impl == "triton":
             from .triton_dora import dora_forward
 
-            y = dora_forward(base, h, b_c, magnitude, norm, bias)
+            y = dora_forward(F.linear(x2, weight), h, b_c, magnitude, norm, bias)
             saved = y  # y_pre is recovered from y
         else:
-            y_pre = torch.addmm(base, h, b_c.T)  # x W0ᵀ + s·x Aᵀ Bᵀ
+            y_pre = torch.addmm(F.linear(x2, weight), h, b_c.T)  # x W0ᵀ + s·x Aᵀ Bᵀ
             g = (magnitude.to(norm.dtype) / norm).to(weight.dtype)
             y = y_pre * g if bias is None else torch.addcmul(bias, y_pre, g)
             saved = y_pre
@@ -115,8 +112,7 @@ class DoRALinearFunction(torch.autograd.Function):
         if need_B:
             grad_B = _mm_acc(dyp.T, h, ctx.dtypes[1])
         if need_b:  # float32 (float64) accumulation
-            acc = torch.float64 if bias.dtype == torch.float64 else torch.float32
-            grad_b = dy2.sum(dim=0, dtype=acc).to(bias.dtype)
+            grad_b = dy2.sum(dim=0, dtype=accumulation_dtype(bias)).to(bias.dtype)
         if need_m:
             grad_m = grad_m.to(magnitude.dtype)
         return grad_x, None, grad_b, grad_A, grad_B, grad_m, None, None, None, None, None, None

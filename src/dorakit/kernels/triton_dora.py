@@ -116,6 +116,15 @@ def prepare_config(dtype: torch.dtype, rank: int) -> dict[str, int]:
     return cfg
 
 
+def _copy_buffers(lora_A: Tensor, lora_B: Tensor, dtype: torch.dtype) -> tuple[Tensor, ...]:
+    """A and B contiguous, and the empty (R, K), (R, K), (N, R), (N, R) outputs for their copies in ``dtype``."""
+    A, B = lora_A.contiguous(), lora_B.contiguous()
+    (R, K), N = A.shape, B.shape[0]
+    a_c, a_s = (torch.empty((R, K), device=A.device, dtype=dtype) for _ in range(2))
+    b_c, b_s = (torch.empty((N, R), device=A.device, dtype=dtype) for _ in range(2))
+    return A, B, a_c, a_s, b_c, b_s
+
+
 def dora_prepare(
     weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, config: dict | None = None
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -126,10 +135,8 @@ def dora_prepare(
     N, K = weight.shape
     R = lora_A.shape[0]
     cfg = config or prepare_config(weight.dtype, R)
-    A, B = lora_A.contiguous(), lora_B.contiguous()
+    A, B, a_c, a_s, b_c, b_s = _copy_buffers(lora_A, lora_B, weight.dtype)
     norm = torch.empty(N, device=weight.device, dtype=torch.float32)
-    a_c, a_s = (torch.empty((R, K), device=weight.device, dtype=weight.dtype) for _ in range(2))
-    b_c, b_s = (torch.empty((N, R), device=weight.device, dtype=weight.dtype) for _ in range(2))
     block_n = cfg["block_n"]
     nprog = triton.cdiv(N, block_n)
     _prepare_kernel[(nprog,)](
@@ -161,9 +168,7 @@ def dora_prepare(
 def lora_prepare(lora_A: Tensor, lora_B: Tensor, scaling: float, dtype: torch.dtype) -> tuple[Tensor, ...]:
     """(A, s·A (R, K), B, s·B (N, R)) in ``dtype``, one launch (LoRA: no norm)."""
     (N, R), K = lora_B.shape, lora_A.shape[1]
-    A, B = lora_A.contiguous(), lora_B.contiguous()
-    a_c, a_s = (torch.empty((R, K), device=A.device, dtype=dtype) for _ in range(2))
-    b_c, b_s = (torch.empty((N, R), device=A.device, dtype=dtype) for _ in range(2))
+    A, B, a_c, a_s, b_c, b_s = _copy_buffers(lora_A, lora_B, dtype)
     cfg = prepare_config(dtype, R)
     nprog = triton.cdiv(N, cfg["block_n"])
     _copies_kernel[(nprog,)](
