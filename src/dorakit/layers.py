@@ -230,11 +230,15 @@ class AdapterLayer(nn.Module):
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
             return dora_norm(self.weight_2d(), self.lora_A_2d(), self.lora_B_2d(), self.scaling, weight_sq)
 
-    def _prepare(self, weight: Tensor, weight_sq: Tensor, impl: str) -> tuple[Tensor | None, ...]:
-        """dorakit.kernels.dora_prepare (DoRA) or lora_prepare (LoRA: no norm) for W0 = ``weight``."""
-        if self.variant == "dora":
-            return dora_prepare(weight, self.lora_A, self.lora_B, self.scaling, weight_sq, impl)
-        return lora_prepare(self.lora_A, self.lora_B, self.scaling, weight.dtype, impl)
+    def _prepare(self, weight: Tensor, impl: str) -> tuple[Tensor | None, ...]:
+        """dorakit.kernels.dora_prepare (DoRA) or lora_prepare (LoRA: no norm) for W0 = ``weight``.
+
+        The cached ||w||² is read (and refreshed) for the fused path only: the Triton kernel sums
+        (w + s·BA)² itself, so it needs no second pass over a W0 that FSDP may re-gather every step."""
+        if self.variant == "lora":
+            return lora_prepare(self.lora_A, self.lora_B, self.scaling, weight.dtype, impl)
+        weight_sq = None if impl == "triton" else self._weight_sq()
+        return dora_prepare(weight, self.lora_A, self.lora_B, self.scaling, weight_sq, impl)
 
     def _prepared(self, impl: str) -> tuple[Tensor | None, ...]:
         """_prepare for the current W0, A, B: (norm or None, A, s·A, B, s·B), no graph.
@@ -244,15 +248,15 @@ class AdapterLayer(nn.Module):
         train and eval (a fused optimizer updates A and B without bumping their version counters):
         generation with an unmerged adapter computes it once. LoRA's (copies only) is not cached.
         """
-        weight_sq = self._weight_sq()
         key = None
         if (self.variant == "dora" and not self.training and not torch.is_grad_enabled() and self.cache_norm
                 and not torch.compiler.is_compiling()):
             A, B = self.lora_A, self.lora_B
-            key = (self._weight_sq_key, A._version, A.data_ptr(), B._version, B.data_ptr(), self.scaling, impl)
+            key = (self._cache_key(self.base_layer.weight), A._version, A.data_ptr(), B._version, B.data_ptr(),
+                   self.scaling, impl)
             if self._norm_cache is not None and self._norm_cache[0] == key:
                 return self._norm_cache[1]
-        prepared = self._prepare(self.base_layer.weight, weight_sq, impl)
+        prepared = self._prepare(self.base_layer.weight, impl)
         if key is not None:
             self._norm_cache = (key, prepared)
         return prepared
@@ -297,7 +301,7 @@ class AdapterLayer(nn.Module):
         (a transient copy of W0, as autocast makes), the kernels themselves outside autocast."""
         weight, bias = self.base_layer.weight.to(dtype), self.base_layer.bias
         with torch.autocast(x.device.type, enabled=False):
-            prepared = self._prepare(weight, self._weight_sq(), impl)
+            prepared = self._prepare(weight, impl)
             return dora_linear(x.to(dtype), weight, None if bias is None else bias.to(dtype), self.lora_A,
                                self.lora_B, self._fast_magnitude(), prepared, impl)
 
@@ -316,6 +320,8 @@ class AdapterLayer(nn.Module):
             return "it treats the norm as a constant (norm_grad='detach'), not norm_grad='exact'"
         if impl == "triton" and not triton_available():
             return "triton is not installed"
+        if impl == "triton" and self.rank > TRITON_MAX_RANK:
+            return f"rank {self.rank} > {TRITON_MAX_RANK} (the kernels' tiles would not fit in shared memory)"
         return None
 
     def _runtime_unsupported(self, impl: str, x: Tensor) -> str | None:
@@ -333,8 +339,6 @@ class AdapterLayer(nn.Module):
         if self.variant == "lora" and _has_hooks(self.base_layer):
             return "the base layer has forward hooks (the eager LoRA path calls it, so they run)"
         if impl == "triton":
-            if self.rank > TRITON_MAX_RANK:
-                return f"rank {self.rank} > {TRITON_MAX_RANK} (the kernels' tiles would not fit in shared memory)"
             if cast is None and weight.dtype not in (torch.float16, torch.bfloat16, torch.float32):
                 return f"the kernels take float16, bfloat16 or float32, not {weight.dtype}"
             if not weight.is_cuda and not triton_interpreted():

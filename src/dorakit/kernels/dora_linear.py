@@ -119,12 +119,13 @@ class DoRALinearFunction(torch.autograd.Function):
 
 
 def dora_prepare(
-    weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, weight_sq: Tensor, impl: str = "fused"
+    weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, weight_sq: Tensor | None, impl: str = "fused"
 ) -> tuple[Tensor, ...]:
     """(||W0 + sBA||_c (out,), A, s·A, B, s·B in W0's dtype), without a graph.
 
     The norm is float32 (float64 for float64 layers): one Triton kernel that squares W0 + sBA tile by
-    tile, or functional.dora_norm (factored, with the cached ||w||² = ``weight_sq``).
+    tile (``weight_sq`` unused, may be None), or functional.dora_norm (factored, with the cached
+    ||w||² = ``weight_sq``; None computes it).
     """
     with torch.no_grad():
         if impl == "triton":
