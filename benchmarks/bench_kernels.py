@@ -2,7 +2,8 @@
 
 For each (out, in) shape: the per-step norm and adapter copies (``dora_prepare``: the Triton kernel,
 and the torch ops of the "fused" backend), with the bandwidth it reaches reading W0 once (median of
-do_bench, L2 flushed). ``--sweep`` tries other launch settings on the 1B shapes; the ones kept in
+CUDA-graph replays over copies of W0 that overflow the L2 cache). ``--sweep`` tries other launch
+settings on the 1B shapes ("programs": 1 is one slice of K, no split); the ones kept in
 ``dorakit.kernels.triton_dora.PREPARE_CONFIG`` were chosen that way.
 
     python benchmarks/bench_kernels.py                      # bf16, r = 16, CUDA
@@ -11,8 +12,10 @@ do_bench, L2 flushed). ``--sweep`` tries other launch settings on the 1B shapes;
 from __future__ import annotations
 
 import argparse
-import functools
 import itertools
+import math
+import statistics
+from collections.abc import Callable
 
 import torch
 
@@ -22,10 +25,30 @@ SHAPES = {  # (out, in) of each projection kind
 }
 
 
-def bench_us(fn: functools.partial) -> float:
-    from triton.testing import do_bench
+def bench_us(fn: Callable[[torch.Tensor], object], weights: list[torch.Tensor], replays: int = 20) -> float:
+    """Median GPU µs of fn(w): one CUDA graph calls it once per copy of W0 in ``weights`` (together
+    several times the L2 cache, so each call reads its W0 from memory, as in a training step), and
+    the graph's replays are timed with events. The graph leaves out the host's launch overhead."""
+    for w in weights:  # compile, allocate
+        fn(w)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for w in weights:
+            fn(w)
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / len(weights))
+    return statistics.median(times)
 
-    return do_bench(fn, warmup=25, rep=100) * 1e3  # median µs (do_bench flushes L2 between calls)
+
+L2_ROTATION = 200e6
+"""Bytes of W0 copies each timed graph cycles through: four times an H100's 50 MB L2."""
 
 
 def main() -> None:
@@ -41,9 +64,10 @@ def main() -> None:
     print(f"device: {torch.cuda.get_device_name()}; torch {torch.__version__}; {args.dtype}; r={args.rank}")
     configs = [None]  # None: the kept triton_dora.PREPARE_CONFIG
     if args.sweep:
-        configs += [{"block_n": bn, "block_k": bk, "num_warps": nw, "num_stages": ns}
-                    for bn, bk, nw, ns in itertools.product((16, 32, 64), (64, 128, 256), (4, 8), (2, 3))
-                    if bn * bk <= 16384]
+        configs += [{"block_n": bn, "block_k": bk, "num_warps": nw, "num_stages": ns, "programs": p}
+                    for bn, bk, nw, ns, p in itertools.product((16, 32, 64), (64, 128, 256), (4, 8), (2, 3),
+                                                               (1, 528, 1056))
+                    if bn * bk <= 8192]
     for preset, shapes in SHAPES.items():
         for name, (n, k) in shapes.items():
             cfgs = configs if preset == "llama-1b" else configs[:1]  # the sweep on the 1B shapes only
@@ -53,17 +77,19 @@ def main() -> None:
             b = torch.randn(n, args.rank, device="cuda") * 0.01
             wsq = row_norm_sq(w)
             w_bytes = w.numel() * w.element_size()
+            weights = [w] + [w.clone() for _ in range(max(1, math.ceil(L2_ROTATION / w_bytes)) - 1)]
             ref = dora_prepare(w, a, b, 2.0, wsq, "fused")[0]
-            rows = [("torch (fused backend)", bench_us(functools.partial(dora_prepare, w, a, b, 2.0, wsq, "fused")))]
+            fused_us = bench_us(lambda w, a=a, b=b, wsq=wsq: dora_prepare(w, a, b, 2.0, wsq, "fused"), weights)
+            rows = [("torch (fused backend)", fused_us)]
             for cfg in cfgs:
                 try:
-                    out = triton_dora.dora_prepare(w, a, b, 2.0, cfg)[0]
+                    out = triton_dora.norm_from_partials(triton_dora.dora_prepare(w, a, b, 2.0, cfg)[0])
                 except Exception as e:  # noqa: BLE001 - a launch setting the compiler rejects
                     print(f"  {cfg}: {type(e).__name__}")
                     continue
                 err = ((out - ref).abs() / ref).max().item()
                 label = "triton " + ("(kept)" if cfg is None else str(cfg))
-                us = bench_us(functools.partial(triton_dora.dora_prepare, w, a, b, 2.0, cfg))
+                us = bench_us(lambda w, a=a, b=b, cfg=cfg: triton_dora.dora_prepare(w, a, b, 2.0, cfg), weights)
                 rows.append((f"{label} rel.err {err:.1e}", us))
             rows.sort(key=lambda r: r[1])
             print(f"{preset} {name} ({n} x {k}): reading W0 once at 3.35 TB/s = {w_bytes / 3.35e12 * 1e6:.1f} us")

@@ -6,6 +6,10 @@ over the timed steps, tokens/s and the peak memory of each method's steps.
 
     python benchmarks/bench_train_step.py --device cuda --preset llama-1b       # the GPU table
     python benchmarks/bench_train_step.py --device cpu --preset tiny            # a CPU check
+
+A method name may carry a mode suffix: "+compile", "+cudagraphs" (torch.compile's default and
+reduce-overhead modes) or "+graph" (the eager step captured whole in one CUDA graph and replayed:
+what the step costs with no host work per kernel). Ratios are also given within one mode.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import argparse
 import gc
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -45,10 +50,12 @@ def build(preset: str, dtype: torch.dtype, device: str) -> torch.nn.Module:
 
 def wrap(model: torch.nn.Module, method: str, rank: int) -> torch.nn.Module:
     """The model set up for ``method``; a "+compile" suffix wraps it in torch.compile (default mode),
-    "+cudagraphs" in torch.compile(mode="reduce-overhead") (CUDA graphs)."""
+    "+cudagraphs" in torch.compile(mode="reduce-overhead") (CUDA graphs); "+graph" leaves it eager
+    (measure() captures the whole eager step in one CUDA graph)."""
     for suffix, mode in (("+compile", "default"), ("+cudagraphs", "reduce-overhead")):
         if method.endswith(suffix):
             return torch.compile(wrap(model, method.removesuffix(suffix), rank), mode=mode)
+    method = method.removesuffix("+graph")
     if method == "frozen":  # the floor: backward through every layer, nothing to update (see inputs())
         return model.requires_grad_(False)
     parts = method.split("-")
@@ -75,21 +82,54 @@ def inputs(model: torch.nn.Module, batch: torch.Tensor) -> dict[str, torch.Tenso
     return {"inputs_embeds": embeds.requires_grad_(), "labels": batch}
 
 
-def measure(model: torch.nn.Module, batch: torch.Tensor, steps: int, warmup: int, device: str) -> tuple[float, float]:
+def graphed_step(model: torch.nn.Module, batch: torch.Tensor, optimizer: torch.optim.Optimizer | None,
+                 warmup: int) -> Callable[[], None]:
+    """The whole eager step (forward, backward, AdamW) captured once in a CUDA graph, after ``warmup``
+    steps on a side stream (PyTorch's whole-network capture recipe); each call replays it, so no
+    kernel is launched from Python. The graph reads the same input tensors on every replay."""
+    feeds = inputs(model, batch)
+
+    def step() -> None:
+        model(**feeds).loss.backward()
+        if optimizer is not None:
+            optimizer.step()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            model.zero_grad(set_to_none=True)
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    model.zero_grad(set_to_none=True)
+    feeds.get("inputs_embeds", batch).grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
+def measure(model: torch.nn.Module, batch: torch.Tensor, steps: int, warmup: int, device: str,
+            graph: bool = False) -> tuple[float, float]:
+    """(median step seconds, peak GiB) of ``steps`` steps after ``warmup``; ``graph``: CUDA-graph replays."""
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-5) if params else None
+    optimizer = torch.optim.AdamW(params, lr=1e-5, capturable=graph) if params else None
     times = []
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    replay = graphed_step(model, batch, optimizer, warmup) if graph else None
     for i in range(warmup + steps):
         if device == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        loss = model(**inputs(model, batch)).loss
-        loss.backward()
-        if optimizer is not None:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        if replay is not None:
+            replay()
+        else:
+            loss = model(**inputs(model, batch)).loss
+            loss.backward()
+            if optimizer is not None:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
         if device == "cuda":
             torch.cuda.synchronize()
         if i >= warmup:
@@ -130,7 +170,10 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {ALL_METHODS}")
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help=f"comma-separated, from {ALL_METHODS}, each optionally with a suffix: +compile "
+                        "(torch.compile), +cudagraphs (torch.compile mode='reduce-overhead'), +graph (the "
+                        "eager step captured whole in one CUDA graph)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="run the method list this many times, alternating its order; report the median round")
     parser.add_argument("--profile", action="store_true",
@@ -149,10 +192,13 @@ def main() -> None:
         for method in methods if r % 2 == 0 else methods[::-1]:
             model = wrap(build(args.preset, dtype, args.device), method, args.rank)
             try:
-                results[method].append(measure(model, batch, args.steps, args.warmup, args.device))
+                graph = method.endswith("+graph")
+                if graph and args.device != "cuda":
+                    raise ValueError("+graph needs --device cuda")
+                results[method].append(measure(model, batch, args.steps, args.warmup, args.device, graph))
                 step, peak = results[method][-1]
                 print(f"{method}: {step * 1e3:.1f} ms, {peak:.2f} GiB", flush=True)
-                if args.profile and r == 0:
+                if args.profile and r == 0 and not graph:
                     profile_step(model, batch, method, args.device)
             except Exception as e:  # noqa: BLE001 - one method failing (a compile mode, say) leaves the others
                 print(f"{method} failed: {type(e).__name__}: {str(e)[-1500:]}", flush=True)

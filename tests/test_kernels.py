@@ -186,15 +186,29 @@ def test_triton_norm_matches_float64(dtype: torch.dtype) -> None:
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("out_in", [(20, 600), (70, 600), (130, 300)])
-def test_triton_prepare_over_several_tiles(dtype: torch.dtype, out_in: tuple[int, int]) -> None:
-    """K over several BLOCK_K tiles, with fewer, as many or more programs than tiles: every tile of
-    the A copies is written exactly once, and the norm matches float64."""
+@pytest.mark.parametrize("programs", [None, 1, 7])
+def test_triton_prepare_over_several_tiles(dtype: torch.dtype, out_in: tuple[int, int], programs: int | None) -> None:
+    """K over several BLOCK_K tiles, split into one slice (programs=1: each program loops over every
+    tile), slices of several tiles, or one slice per tile (the kept setting on these shapes), with
+    fewer, as many or more row blocks than tiles: every tile of the A copies and every row of the B
+    copies is written exactly once, and the norm finished from the partial sums matches float64."""
+    from dorakit.kernels import triton_dora as td
+
     n, k = out_in
     t = _case((1, k, n, 7), dtype, False, False, seed=5, device=DEVICE)
-    norm, a_c, a_s, b_c, b_s = dora_prepare(t["W"], t["A"], t["B"], 1.3, row_norm_sq(t["W"]), "triton")
+    cfg = td.prepare_config(dtype, 7)
+    if programs is not None:
+        cfg["programs"] = programs
+    split = min(-(-k // cfg["block_k"]), -(-cfg["programs"] // -(-n // cfg["block_n"])))
+    partials, a_c, a_s, b_c, b_s = td.dora_prepare(t["W"], t["A"], t["B"], 1.3, cfg)
+    assert partials.shape == (max(split, 1), n)
+    assert partials.shape[0] > 1 or programs == 1
+    norm = td.norm_from_partials(partials)
     W, A, B = (t[key].to(F64) for key in ("W", "A", "B"))
     ref = (W + 1.3 * B @ A).norm(dim=1)
     assert ((norm.to(F64) - ref).abs() / ref).max().item() <= REL_TOL[dtype]
+    if programs is None:  # the kept setting: what dora_norm returns
+        assert torch.equal(norm, dora_norm(t["W"], t["A"], t["B"], 1.3, None, "triton"))
     for got, want in [(a_c, t["A"]), (a_s, 1.3 * t["A"]), (b_c, t["B"]), (b_s, 1.3 * t["B"])]:
         assert torch.equal(got, want.to(dtype))
     none, *copies = lora_prepare(t["A"], t["B"], 1.3, dtype, "triton")  # LoRA's copies kernel
@@ -435,15 +449,15 @@ except Exception as e:  # no CUDA code generation on this machine (ptxas missing
 br, out = td._block_r(TRITON_MAX_RANK), {}
 for wdt, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
     cfg = td.prepare_config(dtype, TRITON_MAX_RANK)
-    sig = {"W": f"*{wdt}", "A": "*fp32", "B": "*fp32", "NORM": "*fp32", "AC": f"*{wdt}", "AS": f"*{wdt}",
+    sig = {"W": f"*{wdt}", "A": "*fp32", "B": "*fp32", "SQ": "*fp32", "AC": f"*{wdt}", "AS": f"*{wdt}",
            "BC": f"*{wdt}", "BS": f"*{wdt}", "N": "i32", "K": "i32", "R": "i32", "stride_wn": "i32",
-           "stride_wk": "i32", "s": "fp32", "tiny": "fp32", "NPROG": "i32", "BLOCK_N": "constexpr",
+           "stride_wk": "i32", "s": "fp32", "NPROG_N": "i32", "SPLIT": "i32", "BLOCK_N": "constexpr",
            "BLOCK_K": "constexpr", "BLOCK_R": "constexpr"}
     out["prepare " + wdt] = shared(td._prepare_kernel, sig, {"BLOCK_N": cfg["block_n"], "BLOCK_K": cfg["block_k"],
                                    "BLOCK_R": br}, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-sig = {"BASE": "*fp32", "H": "*fp32", "B": "*fp32", "MAG": "*fp32", "NORM": "*fp32", "BIAS": "*fp32", "Y": "*fp32",
-       "M": "i32", "N": "i32", "R": "i32", "HAS_BIAS": "constexpr", "IEEE": "constexpr", "BLOCK_M": "constexpr",
-       "BLOCK_N": "constexpr", "BLOCK_R": "constexpr"}
+sig = {"BASE": "*fp32", "H": "*fp32", "B": "*fp32", "MAG": "*fp32", "SQ": "*fp32", "BIAS": "*fp32", "Y": "*fp32",
+       "M": "i32", "N": "i32", "R": "i32", "SPLIT": "i32", "tiny": "fp32", "HAS_BIAS": "constexpr",
+       "IEEE": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_R": "constexpr"}
 out["forward fp32"] = shared(td._forward_kernel, sig, {"HAS_BIAS": True, "IEEE": True, "BLOCK_M": 64, "BLOCK_N": 128,
                              "BLOCK_R": br}, num_warps=4)
 print(json.dumps(out))
@@ -509,3 +523,51 @@ def test_gpu_fullgraph_compile_of_triton_backend_matches_eager() -> None:
         outs.append([y.detach(), layer.lora_A.grad, layer.lora_B.grad, layer.magnitude.grad])
     for ref, got in zip(*outs):  # the same kernels; only the loss around them may be fused differently
         assert ((got.double() - ref.double()).norm() / ref.double().norm()).item() <= REL_TOL[torch.bfloat16]
+
+
+@gpu
+@cuda
+@needs_triton
+@pytest.mark.parametrize("variant", ["dora", "lora"])
+def test_gpu_training_step_captured_in_one_cuda_graph_trains_as_eager(variant: str) -> None:
+    """Forward, backward and a capturable AdamW step through the Triton path, captured in one CUDA
+    graph (a host sync or CPU-side state would fail the capture or freeze a value): 3 warm-up steps
+    and 3 replays leave the parameters where 6 eager steps do."""
+
+    def make() -> tuple[LinearAdapter, torch.optim.Optimizer]:
+        layer = _linear_layer("triton", torch.float32, variant).cuda()
+        params = [p for p in layer.parameters() if p.requires_grad]
+        return layer, torch.optim.AdamW(params, lr=1e-2, capturable=True)
+
+    x = torch.randn(64, 24, device="cuda")
+    ref, ref_opt = make()
+    for _ in range(6):
+        ref(x).square().sum().backward()
+        ref_opt.step()
+        ref_opt.zero_grad(set_to_none=True)
+    layer, opt = make()
+
+    def step() -> None:
+        layer(x).square().sum().backward()
+        opt.step()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+            opt.zero_grad(set_to_none=True)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()  # recorded, not run
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    start = _linear_layer("triton", torch.float32, variant)
+    for name, p in layer.named_parameters():
+        if p.requires_grad:
+            moved = (p.detach().cpu() - start.get_parameter(name).detach()).norm()
+            assert moved > 0, f"{name} did not train"
+            err = (p.detach() - ref.get_parameter(name).detach()).norm() / moved.to(p.device)
+            assert err.item() <= REL_TOL[torch.float32], f"{name}: {err.item():.2e}"

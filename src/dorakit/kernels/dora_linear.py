@@ -18,7 +18,8 @@ with A and B cast to it, as the base layer's own product; m, n and the scale g =
 float32 (float64 for float64 layers), and the gradients of A, B and m come back in their dtypes.
 
 Saved for backward: x (the same tensor the base product reads), h = s·x Aᵀ (M, r), A, B and s·B in
-the compute dtype (r-wide), m, n, and one output-sized tensor (y_pre or y).
+the compute dtype (r-wide), m, n (for "triton": the (S, out) partial sums of squares its kernels
+finish n from), and one output-sized tensor (y_pre or y).
 """
 
 from __future__ import annotations
@@ -43,8 +44,9 @@ def _mm_acc(a: Tensor, b: Tensor, out_dtype: torch.dtype) -> Tensor:
 class DoRALinearFunction(torch.autograd.Function):
     """Forward and backward of DoRA on a linear layer with a detached norm (see module docstring).
 
-    Takes, besides the parameters, what dora_prepare made of them: the norm n and A, s·A, B, s·B in
-    the compute dtype. With h = x (s·A)ᵀ saved, every gradient is one product with no extra scaling:
+    Takes, besides the parameters, what dora_prepare made of them: the norm n (for "triton", the
+    partial sums of squares of W0 + sBA that its kernels finish n from) and A, s·A, B, s·B in the
+    compute dtype. With h = x (s·A)ᵀ saved, every gradient is one product with no extra scaling:
     ∂L/∂B = dy'ᵀ h, ∂L/∂h·s = dy' (s·B), ∂L/∂A = (dy' s·B)ᵀ x, ∂L/∂x = dy' W0 + (dy' s·B) A.
     """
 
@@ -121,11 +123,13 @@ class DoRALinearFunction(torch.autograd.Function):
 def dora_prepare(
     weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, weight_sq: Tensor | None, impl: str = "fused"
 ) -> tuple[Tensor, ...]:
-    """(||W0 + sBA||_c (out,), A, s·A, B, s·B in W0's dtype), without a graph.
+    """(the norm as DoRALinearFunction takes it, A, s·A, B, s·B in W0's dtype), without a graph.
 
-    The norm is float32 (float64 for float64 layers): one Triton kernel that squares W0 + sBA tile by
-    tile (``weight_sq`` unused, may be None), or functional.dora_norm (factored, with the cached
-    ||w||² = ``weight_sq``; None computes it).
+    "fused": ||W0 + sBA||_c (out,) float32 (float64 for float64 layers) through functional.dora_norm
+    (factored, with the cached ||w||² = ``weight_sq``; None computes it). "triton": one kernel that
+    squares W0 + sBA tile by tile over slices of the input dimension and returns the (S, out)
+    float32 partial sums, which the Function's kernels finish (``weight_sq`` unused, may be None);
+    dora_norm gives the norm itself.
     """
     with torch.no_grad():
         if impl == "triton":
@@ -190,6 +194,8 @@ def dora_norm(
 ) -> Tensor:
     """||W0 + sBA||_c (out,) without a graph (see dora_prepare)."""
     if impl == "triton":
-        return dora_prepare(weight, lora_A, lora_B, scaling, weight_sq, impl)[0]
+        from .triton_dora import norm_from_partials
+
+        return norm_from_partials(dora_prepare(weight, lora_A, lora_B, scaling, weight_sq, impl)[0])
     with torch.no_grad():
         return torch_dora_norm(weight, lora_A, lora_B, scaling, weight_sq)

@@ -26,7 +26,7 @@ def _prepare_kernel(
     W,
     A,
     B,
-    NORM,
+    SQ,
     AC,
     AS,
     BC,
@@ -37,34 +37,39 @@ def _prepare_kernel(
     stride_wn,
     stride_wk,
     s,
-    tiny,
-    NPROG,
+    NPROG_N,
+    SPLIT,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):
-    """n = sqrt(max(Σ_k (w + s·BA)², tiny)) for BLOCK_N rows, one pass over W0, and A, s·A, B, s·B in
-    W0's dtype (what the products of the step use).
+    """Σ_k (w + s·BA)² over one of SPLIT slices of K, for BLOCK_N rows, one pass over that slice of
+    W0, and A, s·A, B, s·B in W0's dtype (what the products of the step use). Grid (NPROG_N, SPLIT):
+    program (i, j) takes rows i·BLOCK_N… and the K tiles t ≡ j (mod SPLIT), and writes SQ[j, rows].
 
     Each (BLOCK_N, BLOCK_K) tile of W0 + s·BA is formed in registers (BA from float32 A and B through
     three tf32 passes on the tensor cores, float32-accurate) and squared there: the dense matrix
     never reaches memory, and there is no cancellation as in the factored ||w||² + 2s·(W0Aᵀ ⊙ B)
-    + s²·(BAAᵀ ⊙ B). The copies of A are written tile by tile, spread over the NPROG programs.
+    + s²·(BAAᵀ ⊙ B). Splitting K fills the GPU when W0 has few row blocks. Each tile of the A copies
+    is written by one program (spread over the row blocks), each row of the B copies by slice 0.
     """
     pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     rr = tl.arange(0, BLOCK_R)
-    b_mask = (rn[:, None] < N) & (rr[None, :] < R)
-    b = tl.load(B + rn[:, None] * R + rr[None, :], mask=b_mask, other=0.0).to(tl.float32)  # (BN, BR)
+    b = tl.load(B + rn[:, None] * R + rr[None, :], mask=(rn[:, None] < N) & (rr[None, :] < R), other=0.0).to(
+        tl.float32
+    )  # (BN, BR)
+    b_mask = (rn[:, None] < N) & (rr[None, :] < R * (pid_k == 0).to(tl.int32))  # slice 0 writes B's copies
     tl.store(BC + rn[:, None] * R + rr[None, :], b.to(BC.dtype.element_ty), mask=b_mask)
     tl.store(BS + rn[:, None] * R + rr[None, :], (b * s).to(BS.dtype.element_ty), mask=b_mask)
     acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
-    for k0 in range(0, K, BLOCK_K):  # the one pass over W0
+    for k0 in range(pid_k * BLOCK_K, K, SPLIT * BLOCK_K):  # this slice's tiles of W0, one pass
         rk = k0 + tl.arange(0, BLOCK_K)
         a = tl.load(
             A + rr[:, None] * K + rk[None, :], mask=(rr[:, None] < R) & (rk[None, :] < K), other=0.0
         ).to(tl.float32)  # (BR, BK)
-        k_mine = ((k0 // BLOCK_K) % NPROG == pid).to(tl.int32) * K  # this program writes A's tile k0
+        k_mine = (((k0 // BLOCK_K) // SPLIT) % NPROG_N == pid).to(tl.int32) * K  # this program writes A's tile
         a_mask = (rr[:, None] < R) & (rk[None, :] < k_mine)
         tl.store(AC + rr[:, None] * K + rk[None, :], a.to(AC.dtype.element_ty), mask=a_mask)
         tl.store(AS + rr[:, None] * K + rk[None, :], (a * s).to(AS.dtype.element_ty), mask=a_mask)
@@ -75,7 +80,16 @@ def _prepare_kernel(
         ).to(tl.float32)  # (BN, BK)
         v = (w + s * tl.dot(b, a, input_precision="tf32x3")).to(tl.float32)  # W0 + sBA (s may come as fp64)
         acc += v * v
-    tl.store(NORM + rn, tl.sqrt(tl.maximum(tl.sum(acc, axis=1), tiny)), mask=rn < N)
+    tl.store(SQ + pid_k * N + rn, tl.sum(acc, axis=1), mask=rn < N)
+
+
+@triton.jit
+def _load_norm(SQ, rn, N, SPLIT, tiny):
+    """n = sqrt(max(Σ_j SQ[j, rn], tiny)) for the columns rn (1 where rn ≥ N), summed in slice order."""
+    sq = tl.zeros(rn.shape, tl.float32)
+    for j in range(SPLIT):
+        sq += tl.load(SQ + j * N + rn, mask=rn < N, other=1.0)
+    return tl.sqrt(tl.maximum(sq, tiny)).to(tl.float32)  # tiny may come as fp64 (inductor)
 
 
 @triton.jit
@@ -98,15 +112,21 @@ def _copies_kernel(A, B, AC, AS, BC, BS, N, K, R, s, NPROG, BLOCK_N: tl.constexp
 
 
 PREPARE_CONFIG = {
-    "half": {"block_n": 32, "block_k": 256, "num_warps": 8, "num_stages": 3},
-    "float32": {"block_n": 16, "block_k": 256, "num_warps": 8, "num_stages": 3},
+    "half": {"block_n": 32, "block_k": 64, "num_warps": 4, "num_stages": 3, "programs": 528},
+    "float32": {"block_n": 32, "block_k": 64, "num_warps": 4, "num_stages": 3, "programs": 528},
 }
-"""Launch settings of _prepare_kernel by W0's dtype, chosen on an H100 over the LLaMA-1B / 8B
-projection shapes at r = 16 (benchmarks/bench_kernels.py prints what they reach). Larger ranks take
-a narrower block_k (prepare_config), so that the pipelined fp32 tiles of A fit in shared memory."""
+"""Launch settings of _prepare_kernel by W0's dtype: K is split into as many slices (at most one per
+tile) as it takes to launch about ``programs`` programs (4 per multiprocessor of an H100). Chosen
+on an H100 over the LLaMA-1B / 8B projection shapes at r = 16 in bf16 (benchmarks/bench_kernels.py
+prints what they reach; float32 takes the same). Larger ranks take a narrower block_k
+(prepare_config), so that the pipelined fp32 tiles of A fit in shared memory."""
+
+MAX_SPLIT = 64
+"""Slices of K at most: the epilogue kernels sum this many partial norms per column."""
 
 MAX_A_TILE = 4096
-"""BLOCK_R × BLOCK_K at most: 40–70 KB of shared memory over 3 stages (sm_86 / sm_90, r ≤ 128)."""
+"""BLOCK_R × BLOCK_K at most: the norm kernel then needs at most 68 / 70 KB of shared memory (bf16 / fp32
+W0, r = 128, 3 stages; the sm_86 test compiles it), under the 99 KB of an sm_86 GPU."""
 
 
 def prepare_config(dtype: torch.dtype, rank: int) -> dict[str, int]:
@@ -128,22 +148,26 @@ def _copy_buffers(lora_A: Tensor, lora_B: Tensor, dtype: torch.dtype) -> tuple[T
 def dora_prepare(
     weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, config: dict | None = None
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(||W0 + sBA||_c (N,) float32, A, s·A (R, K), B, s·B (N, R) in W0's dtype), one launch.
+    """(Σ (W0 + sBA)² as (S, N) float32 partial sums over S slices of K, and A, s·A (R, K), B, s·B
+    (N, R) in W0's dtype), one launch.
 
-    The norm is what dora_linear's Function takes. ``config`` overrides the launch settings (benchmarks).
+    The partial sums are what dora_linear's Function takes for "triton" (its kernels finish the norm:
+    n = sqrt(max(Σ_s, tiny)); norm_from_partials does it in torch). ``config`` overrides the launch
+    settings (benchmarks, tests).
     """
     N, K = weight.shape
     R = lora_A.shape[0]
     cfg = config or prepare_config(weight.dtype, R)
     A, B, a_c, a_s, b_c, b_s = _copy_buffers(lora_A, lora_B, weight.dtype)
-    norm = torch.empty(N, device=weight.device, dtype=torch.float32)
-    block_n = cfg["block_n"]
+    block_n, block_k = cfg["block_n"], cfg["block_k"]
     nprog = triton.cdiv(N, block_n)
-    _prepare_kernel[(nprog,)](
+    split = max(1, min(triton.cdiv(K, block_k), triton.cdiv(cfg["programs"], nprog), MAX_SPLIT))
+    partials = torch.empty((split, N), device=weight.device, dtype=torch.float32)
+    _prepare_kernel[(nprog, split)](
         weight,
         A,
         B,
-        norm,
+        partials,
         a_c,
         a_s,
         b_c,
@@ -154,15 +178,23 @@ def dora_prepare(
         weight.stride(0),
         weight.stride(1),
         scaling,
-        TINY,
         nprog,
+        split,
         BLOCK_N=block_n,
-        BLOCK_K=cfg["block_k"],
+        BLOCK_K=block_k,
         BLOCK_R=_block_r(R),
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
-    return norm, a_c, a_s, b_c, b_s
+    return partials, a_c, a_s, b_c, b_s
+
+
+def norm_from_partials(partials: Tensor) -> Tensor:
+    """||W0 + sBA||_c (N,) float32 from dora_prepare's (S, N) partial sums, as the kernels finish it."""
+    total = partials[0].clone()
+    for j in range(1, partials.shape[0]):  # slice order, as _load_norm
+        total += partials[j]
+    return total.clamp_min_(TINY).sqrt_()
 
 
 def lora_prepare(lora_A: Tensor, lora_B: Tensor, scaling: float, dtype: torch.dtype) -> tuple[Tensor, ...]:
@@ -197,19 +229,22 @@ def _forward_kernel(
     H,
     B,
     MAG,
-    NORM,
+    SQ,
     BIAS,
     Y,
     M,
     N,
     R,
+    SPLIT,
+    tiny,
     HAS_BIAS: tl.constexpr,
     IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):
-    """y = (m / n) ⊙ (base + h Bᵀ) + b on one (BLOCK_M, BLOCK_N) tile; base = x W0ᵀ, h = s·x Aᵀ."""
+    """y = (m / n) ⊙ (base + h Bᵀ) + b on one (BLOCK_M, BLOCK_N) tile; base = x W0ᵀ, h = s·x Aᵀ, and n
+    from the (SPLIT, N) partial sums SQ of dora_prepare."""
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     rr = tl.arange(0, BLOCK_R)
@@ -221,7 +256,7 @@ def _forward_kernel(
     else:
         lora = tl.dot(h, tl.trans(b))  # (BM, BN) fp32
     base = tl.load(BASE + rm[:, None] * N + rn[None, :], mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(MAG + rn, mask=rn < N, other=0.0).to(tl.float32) / tl.load(NORM + rn, mask=rn < N, other=1.0)
+    g = tl.load(MAG + rn, mask=rn < N, other=0.0).to(tl.float32) / _load_norm(SQ, rn, N, SPLIT, tiny)
     y = g[None, :] * (base + lora)
     if HAS_BIAS:
         y += tl.load(BIAS + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
@@ -229,9 +264,10 @@ def _forward_kernel(
 
 
 def dora_forward(
-    base: Tensor, h: Tensor, lora_B: Tensor, magnitude: Tensor, norm: Tensor, bias: Tensor | None
+    base: Tensor, h: Tensor, lora_B: Tensor, magnitude: Tensor, partials: Tensor, bias: Tensor | None
 ) -> Tensor:
-    """The fused forward epilogue: (M, N) in base's dtype. h = s·x Aᵀ (M, R) and B (N, R) in base's dtype."""
+    """The fused forward epilogue: (M, N) in base's dtype. h = s·x Aᵀ (M, R) and B (N, R) in base's
+    dtype; ``partials``: dora_prepare's (S, N) sums of squares."""
     M, N = base.shape
     R = h.shape[1]
     y = torch.empty_like(base)
@@ -241,12 +277,14 @@ def dora_forward(
         h,
         lora_B,
         magnitude,
-        norm,
+        partials,
         bias if bias is not None else base,
         y,
         M,
         N,
         R,
+        partials.shape[0],
+        TINY,
         HAS_BIAS=bias is not None,
         IEEE=base.dtype == torch.float32,
         BLOCK_M=64,
@@ -263,7 +301,7 @@ def _backward_kernel(
     Y,
     BIAS,
     MAG,
-    NORM,
+    SQ,
     X,
     W,
     H,
@@ -276,6 +314,8 @@ def _backward_kernel(
     R,
     stride_wn,
     stride_wk,
+    SPLIT,
+    tiny,
     HAS_BIAS: tl.constexpr,
     IEEE: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -294,7 +334,7 @@ def _backward_kernel(
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (rm[:, None] < M) & (rn[None, :] < N)
     mag = tl.load(MAG + rn, mask=rn < N, other=1.0).to(tl.float32)
-    norm = tl.load(NORM + rn, mask=rn < N, other=1.0)
+    norm = _load_norm(SQ, rn, N, SPLIT, tiny)
     dy = tl.load(DY + rm[:, None] * N + rn[None, :], mask=mask, other=0.0).to(tl.float32)
     tl.store(
         DYP + rm[:, None] * N + rn[None, :], ((mag / norm)[None, :] * dy).to(DYP.dtype.element_ty), mask=mask
@@ -337,13 +377,14 @@ def dora_backward(
     y: Tensor,
     bias: Tensor | None,
     magnitude: Tensor,
-    norm: Tensor,
+    partials: Tensor,
     x: Tensor,
     weight: Tensor,
     h: Tensor,
     lora_B: Tensor,
 ) -> tuple[Tensor, Tensor]:
-    """(g ⊙ dy (M, N) in dy's dtype, ∂L/∂m (N,) float32) from the saved output y (M, N)."""
+    """(g ⊙ dy (M, N) in dy's dtype, ∂L/∂m (N,) float32) from the saved output y (M, N) and dora_prepare's
+    (S, N) ``partials``."""
     M, N = dy.shape
     K, R = x.shape[1], h.shape[1]
     dyp = torch.empty_like(dy)
@@ -355,7 +396,7 @@ def dora_backward(
         y,
         bias if bias is not None else y,
         magnitude,
-        norm,
+        partials,
         x,
         weight,
         h,
@@ -368,6 +409,8 @@ def dora_backward(
         R,
         weight.stride(0),
         weight.stride(1),
+        partials.shape[0],
+        TINY,
         HAS_BIAS=bias is not None,
         IEEE=dy.dtype == torch.float32,
         BLOCK_M=block_m,
