@@ -78,7 +78,11 @@ def main() -> None:
             rows.append((f"{method} layer forward, no grad", per_call_us(lambda mod=mod: mod(x), device)))
         rows.append((f"{method} layer forward, grad", per_call_us(lambda mod=mod: mod(xg), device)))
 
-        def step(mod: torch.nn.Module = mod) -> None:
+        params = [xg, *(p for p in mod.parameters() if p.requires_grad)]
+
+        def step(mod: torch.nn.Module = mod, params: list[torch.Tensor] = params) -> None:
+            for p in params:  # as after zero_grad(set_to_none=True): backward stores, not adds
+                p.grad = None
             y = mod(xg)
             y.backward(torch.ones_like(y))
 

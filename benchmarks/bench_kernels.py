@@ -3,8 +3,9 @@
 For each (out, in) shape: the per-step norm and adapter copies (``dora_prepare``: the Triton kernel,
 and the torch ops of the "fused" backend), with the bandwidth it reaches reading W0 once (median of
 CUDA-graph replays over copies of W0 that overflow the L2 cache). ``--sweep`` tries other launch
-settings on the 1B shapes ("programs": 1 is one slice of K, no split); the ones kept in
-``dorakit.kernels.triton_dora.PREPARE_CONFIG`` were chosen that way.
+settings on the 1B shapes ("programs": 1 is one slice of K, no split). The setting kept in
+``dorakit.kernels.triton_dora.PREPARE_CONFIG`` came from the same sweep run on a scratch copy of
+the kernel over the 1B and 8B shapes, timed with ``do_bench`` (see the README).
 
     python benchmarks/bench_kernels.py                      # bf16, r = 16, CUDA
 """

@@ -195,6 +195,8 @@ def main() -> None:
                 graph = method.endswith("+graph")
                 if graph and args.device != "cuda":
                     raise ValueError("+graph needs --device cuda")
+                if graph and args.warmup < 1:  # AdamW's state must exist before the capture, or each
+                    raise ValueError("+graph needs --warmup 1 or more")  # replay would reset it
                 results[method].append(measure(model, batch, args.steps, args.warmup, args.device, graph))
                 step, peak = results[method][-1]
                 print(f"{method}: {step * 1e3:.1f} ms, {peak:.2f} GiB", flush=True)

@@ -187,11 +187,14 @@ def test_triton_norm_matches_float64(dtype: torch.dtype) -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("out_in", [(20, 600), (70, 600), (130, 300)])
 @pytest.mark.parametrize("programs", [None, 1, 7])
-def test_triton_prepare_over_several_tiles(dtype: torch.dtype, out_in: tuple[int, int], programs: int | None) -> None:
+def test_triton_prepare_over_several_tiles(
+    dtype: torch.dtype, out_in: tuple[int, int], programs: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """K over several BLOCK_K tiles, split into one slice (programs=1: each program loops over every
     tile), slices of several tiles, or one slice per tile (the kept setting on these shapes), with
-    fewer, as many or more row blocks than tiles: every tile of the A copies and every row of the B
-    copies is written exactly once, and the norm finished from the partial sums matches float64."""
+    fewer, as many or more row blocks than tiles, into NaN-filled buffers: every tile of the A copies
+    and every row of the B copies is written, and the norm finished from the partial sums, in torch
+    and by the forward kernel, matches float64."""
     from dorakit.kernels import triton_dora as td
 
     n, k = out_in
@@ -200,15 +203,19 @@ def test_triton_prepare_over_several_tiles(dtype: torch.dtype, out_in: tuple[int
     if programs is not None:
         cfg["programs"] = programs
     split = min(-(-k // cfg["block_k"]), -(-cfg["programs"] // -(-n // cfg["block_n"])))
+    empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: empty(*a, **kw).fill_(float("nan")))
     partials, a_c, a_s, b_c, b_s = td.dora_prepare(t["W"], t["A"], t["B"], 1.3, cfg)
-    assert partials.shape == (max(split, 1), n)
-    assert partials.shape[0] > 1 or programs == 1
-    norm = td.norm_from_partials(partials)
+    assert partials.shape == (split, n)
+    assert split > 1 or programs == 1
     W, A, B = (t[key].to(F64) for key in ("W", "A", "B"))
     ref = (W + 1.3 * B @ A).norm(dim=1)
+    norm = td.norm_from_partials(partials)
     assert ((norm.to(F64) - ref).abs() / ref).max().item() <= REL_TOL[dtype]
-    if programs is None:  # the kept setting: what dora_norm returns
-        assert torch.equal(norm, dora_norm(t["W"], t["A"], t["B"], 1.3, None, "triton"))
+    # The forward kernel's own norm: y = (1 / n) ⊙ base with base = 1, h = 0 (stored in float32).
+    ones = torch.ones((1, n), device=DEVICE, dtype=torch.float32)
+    y = td.dora_forward(ones, torch.zeros((1, 7), device=DEVICE), b_c.float(), ones[0], partials, None)
+    assert ((1 / y[0].to(F64) - ref).abs() / ref).max().item() <= REL_TOL[dtype]
     for got, want in [(a_c, t["A"]), (a_s, 1.3 * t["A"]), (b_c, t["B"]), (b_s, 1.3 * t["B"])]:
         assert torch.equal(got, want.to(dtype))
     none, *copies = lora_prepare(t["A"], t["B"], 1.3, dtype, "triton")  # LoRA's copies kernel

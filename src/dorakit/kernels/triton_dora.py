@@ -85,11 +85,13 @@ def _prepare_kernel(
 
 @triton.jit
 def _load_norm(SQ, rn, N, SPLIT, tiny):
-    """n = sqrt(max(Σ_j SQ[j, rn], tiny)) for the columns rn (1 where rn ≥ N), summed in slice order."""
+    """n = sqrt(max(Σ_j SQ[j, rn], tiny)) for the columns rn, summed in slice order and correctly
+    rounded, as norm_from_partials (NaN stays NaN; columns rn ≥ N get sqrt(SPLIT), unused)."""
     sq = tl.zeros(rn.shape, tl.float32)
     for j in range(SPLIT):
         sq += tl.load(SQ + j * N + rn, mask=rn < N, other=1.0)
-    return tl.sqrt(tl.maximum(sq, tiny)).to(tl.float32)  # tiny may come as fp64 (inductor)
+    floor = tl.cast(tiny, tl.float32)  # tiny may come as fp64 (inductor)
+    return tl.sqrt_rn(tl.where(sq < floor, floor, sq))
 
 
 @triton.jit
@@ -116,10 +118,11 @@ PREPARE_CONFIG = {
     "float32": {"block_n": 32, "block_k": 64, "num_warps": 4, "num_stages": 3, "programs": 528},
 }
 """Launch settings of _prepare_kernel by W0's dtype: K is split into as many slices (at most one per
-tile) as it takes to launch about ``programs`` programs (4 per multiprocessor of an H100). Chosen
-on an H100 over the LLaMA-1B / 8B projection shapes at r = 16 in bf16 (benchmarks/bench_kernels.py
-prints what they reach; float32 takes the same). Larger ranks take a narrower block_k
-(prepare_config), so that the pipelined fp32 tiles of A fit in shared memory."""
+tile) as it takes to launch about ``programs`` programs (4 per multiprocessor of an H100). The bf16
+setting was the fastest summed over the LLaMA-1B / 8B projection shapes at r = 16 in a sweep on an
+H100 (benchmarks/bench_kernels.py prints what it reaches); float32 takes it unmeasured. Larger
+ranks take a narrower block_k (prepare_config), so that the pipelined fp32 tiles of A fit in
+shared memory."""
 
 MAX_SPLIT = 64
 """Slices of K at most: the epilogue kernels sum this many partial norms per column."""
