@@ -108,6 +108,25 @@ def test_two_processes_train_what_one_process_trains(runs: dict[str, Path], stra
     assert json.loads((ckpt / "state.json").read_text())["world_size"] == 2
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_gpus_with_nccl_train_what_one_gpu_trains(lm: SimpleNamespace, tmp_path: Path, strategy: str) -> None:
+    """The equality above on GPUs: one process on one GPU against 2 processes on 2 GPUs (NCCL), fp32."""
+
+    def argv(out: Path, *extra: str) -> list[str]:
+        args = _argv(lm, out, *extra)
+        args[args.index("--device") + 1] = "auto"  # cuda; cuda:<LOCAL_RANK> under torchrun
+        return args
+
+    one, two = tmp_path / "one", tmp_path / strategy
+    assert main(argv(one, "--batch-size", "4")) == 0
+    _torchrun(argv(two, "--batch-size", "2", "--strategy", strategy))
+    for run in (one, two):  # they ran on the GPUs
+        assert json.loads((run / "summary.json").read_text())["peak_cuda_bytes"] > 0
+    _assert_same_training(two, one)
+
+
 def test_a_different_split_changes_the_losses(runs: dict[str, Path], lm: SimpleNamespace) -> None:
     """Negative control for the equality above: a global batch of 2 trains something else."""
     other = lm.root / "other"
