@@ -199,7 +199,7 @@ def test_triton_prepare_over_several_tiles(
 
     n, k = out_in
     t = _case((1, k, n, 7), dtype, False, False, seed=5, device=DEVICE)
-    cfg = td.prepare_config(dtype, 7)
+    cfg = td.prepare_config(7)
     if programs is not None:
         cfg["programs"] = programs
     split = min(-(-k // cfg["block_k"]), -(-cfg["programs"] // -(-n // cfg["block_n"])))
@@ -453,9 +453,8 @@ try:
 except Exception as e:  # no CUDA code generation on this machine (ptxas missing, say)
     print(type(e).__name__, e)
     sys.exit(3)
-br, out = td._block_r(TRITON_MAX_RANK), {}
-for wdt, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
-    cfg = td.prepare_config(dtype, TRITON_MAX_RANK)
+br, out, cfg = td._block_r(TRITON_MAX_RANK), {}, td.prepare_config(TRITON_MAX_RANK)
+for wdt in ("bf16", "fp32"):
     sig = {"W": f"*{wdt}", "A": "*fp32", "B": "*fp32", "SQ": "*fp32", "AC": f"*{wdt}", "AS": f"*{wdt}",
            "BC": f"*{wdt}", "BS": f"*{wdt}", "N": "i32", "K": "i32", "R": "i32", "stride_wn": "i32",
            "stride_wk": "i32", "s": "fp32", "NPROG_N": "i32", "SPLIT": "i32", "BLOCK_N": "constexpr",

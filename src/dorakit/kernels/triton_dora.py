@@ -113,14 +113,11 @@ def _copies_kernel(A, B, AC, AS, BC, BS, N, K, R, s, NPROG, BLOCK_N: tl.constexp
         tl.store(AS + rr[:, None] * K + rk[None, :], (a * s).to(AS.dtype.element_ty), mask=a_mask)
 
 
-PREPARE_CONFIG = {
-    "half": {"block_n": 32, "block_k": 64, "num_warps": 4, "num_stages": 3, "programs": 528},
-    "float32": {"block_n": 32, "block_k": 64, "num_warps": 4, "num_stages": 3, "programs": 528},
-}
-"""Launch settings of _prepare_kernel by W0's dtype: K is split into as many slices (at most one per
-tile) as it takes to launch about ``programs`` programs (4 per multiprocessor of an H100). The bf16
-setting was the fastest summed over the LLaMA-1B / 8B projection shapes at r = 16 in a sweep on an
-H100 (benchmarks/bench_kernels.py prints what it reaches); float32 takes it unmeasured. Larger
+PREPARE_CONFIG = {"block_n": 32, "block_k": 64, "num_warps": 4, "num_stages": 3, "programs": 528}
+"""Launch settings of _prepare_kernel: K is split into as many slices (at most one per tile) as it
+takes to launch about ``programs`` programs (4 per multiprocessor of an H100). The fastest summed
+over the LLaMA-1B / 8B projection shapes at r = 16 in a sweep on an H100 with a bf16 W0
+(benchmarks/bench_kernels.py prints what it reaches); a float32 W0 takes it unmeasured. Larger
 ranks take a narrower block_k (prepare_config), so that the pipelined fp32 tiles of A fit in
 shared memory."""
 
@@ -132,9 +129,9 @@ MAX_A_TILE = 4096
 W0, r = 128, 3 stages; the sm_86 test compiles it), under the 99 KB of an sm_86 GPU."""
 
 
-def prepare_config(dtype: torch.dtype, rank: int) -> dict[str, int]:
-    """PREPARE_CONFIG for W0's ``dtype``, with block_k narrowed for ranks above 16."""
-    cfg = dict(PREPARE_CONFIG["float32" if dtype == torch.float32 else "half"])
+def prepare_config(rank: int) -> dict[str, int]:
+    """PREPARE_CONFIG, with block_k narrowed for ranks above 16."""
+    cfg = dict(PREPARE_CONFIG)
     cfg["block_k"] = min(cfg["block_k"], max(16, MAX_A_TILE // _block_r(rank)))
     return cfg
 
@@ -160,7 +157,7 @@ def dora_prepare(
     """
     N, K = weight.shape
     R = lora_A.shape[0]
-    cfg = config or prepare_config(weight.dtype, R)
+    cfg = config or prepare_config(R)
     A, B, a_c, a_s, b_c, b_s = _copy_buffers(lora_A, lora_B, weight.dtype)
     block_n, block_k = cfg["block_n"], cfg["block_k"]
     nprog = triton.cdiv(N, block_n)
@@ -204,7 +201,7 @@ def lora_prepare(lora_A: Tensor, lora_B: Tensor, scaling: float, dtype: torch.dt
     """(A, s·A (R, K), B, s·B (N, R)) in ``dtype``, one launch (LoRA: no norm)."""
     (N, R), K = lora_B.shape, lora_A.shape[1]
     A, B, a_c, a_s, b_c, b_s = _copy_buffers(lora_A, lora_B, dtype)
-    cfg = prepare_config(dtype, R)
+    cfg = prepare_config(R)
     nprog = triton.cdiv(N, cfg["block_n"])
     _copies_kernel[(nprog,)](
         A,
