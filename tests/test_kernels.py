@@ -285,6 +285,16 @@ def test_auto_picks_fused_on_cpu_and_eager_where_fused_cannot_run() -> None:
     assert LinearAdapter(nn.Linear(24, 18), "magnitude")._fast_impl(x) is None
 
 
+@gpu
+@cuda
+def test_gpu_auto_runs_dora_on_triton_and_lora_fused() -> None:
+    """On CUDA, "auto" takes the Triton kernels for DoRA; LoRA's triton path would only copy the adapters
+    in one launch (costlier on the host than torch's copies), so LoRA runs fused."""
+    x = torch.randn(1, 24, device="cuda")
+    assert _linear_layer().cuda()._fast_impl(x) == ("triton" if HAS_TRITON else "fused")
+    assert _linear_layer(variant="lora").cuda()._fast_impl(x) == "fused"
+
+
 @pytest.mark.parametrize(("impl", "dtype"), [("fused", torch.bfloat16), ("fused", torch.float16)]
                          + ([("triton", torch.float16)] if HAS_TRITON else []))
 def test_fast_path_under_autocast_matches_float64(impl: str, dtype: torch.dtype) -> None:

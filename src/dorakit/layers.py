@@ -348,14 +348,15 @@ class AdapterLayer(nn.Module):
     def _fast_impl(self, x: Tensor) -> str | None:
         """The dorakit.kernels path for this call ("fused" / "triton"), or None for the eager reference.
 
-        "auto" takes triton on CUDA (triton installed), else fused, else the eager path (never the
-        Triton interpreter);
+        "auto" takes triton for DoRA on CUDA (triton installed), else fused, else the eager path (never
+        the Triton interpreter); LoRA's triton path only makes the adapter copies in one launch, which
+        costs the host more than the fused path's torch copies (same products), so "auto" runs LoRA fused;
         an explicit "fused" / "triton" that cannot run this call raises instead of falling back.
         """
         if self.backend == "torch" or self.variant == "magnitude":
             return None
         if self.backend == "auto":
-            for impl in ("triton", "fused"):
+            for impl in ("triton", "fused") if self.variant == "dora" else ("fused",):
                 if impl == "triton" and not x.is_cuda:
                     continue
                 if self._static_unsupported(impl) is None and self._runtime_unsupported(impl, x) is None:
