@@ -243,6 +243,22 @@ def test_minilm_classification_saves_the_head(minilm_path: Path, tmp_path: Path,
         torch.testing.assert_close(peft_model(**enc).logits, expected, rtol=0, atol=1e-5)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_finetune_with_cuda_graph_equals_eager(lm: SimpleNamespace, tmp_path: Path) -> None:
+    """`dorakit finetune --cuda-graph` (the recipe's pad values, the causal collate) logs the eager run's
+    losses, to rounding of other GEMM shapes (fp32)."""
+    losses = {}
+    for name, extra in (("eager", ()), ("graph", ("--cuda-graph",))):
+        argv = _finetune_argv(lm, tmp_path / name, "dora", *extra)
+        argv[argv.index("--device") + 1] = "cuda"
+        assert main(argv) == 0
+        losses[name] = _train_losses(tmp_path / name)
+    assert [s for s, _ in losses["graph"]] == [s for s, _ in losses["eager"]] == [1, 2, 3, 4]
+    torch.testing.assert_close(torch.tensor([v for _, v in losses["graph"]]),
+                               torch.tensor([v for _, v in losses["eager"]]), rtol=1e-4, atol=0.0)
+
+
 # ----------------------------------------------------------------------------------- console script
 
 def _console_script() -> Path:
@@ -432,12 +448,19 @@ def _bad_inputs(lm: SimpleNamespace, done: Path, bad: Path) -> dict[str, tuple[l
                                         "--output", str(done)], "exists and is not empty"),
         "merge a missing adapter": (["merge", "--model", str(lm.dir), "--adapter", str(bad / "nope"),
                                      "--output", str(bad / "merged")], "no such adapter directory"),
+        "cuda graph on cpu": ([*swap("--output-dir", str(bad / "graph")), "--cuda-graph"],
+                              "--cuda-graph needs a CUDA device, not cpu"),
+        "cuda graph and compile": ([*swap("--output-dir", str(bad / "graph")), "--cuda-graph", "--compile"],
+                                   "--compile with --cuda-graph: use one of them"),
+        "cuda graph and checkpointing": ([*swap("--output-dir", str(bad / "graph")), "--cuda-graph",
+                                          "--gradient-checkpointing"], "--cuda-graph with --gradient-checkpointing"),
     }
 
 
 CASES = ["missing data", "malformed json", "malformed jsonl", "record missing a key", "not a model dir",
          "broken config.json", "no weights or tokenizer", "no weights", "new run into a run dir", "resume another run",
-         "resume another method", "resume nothing", "merge into a non-empty dir", "merge a missing adapter"]
+         "resume another method", "resume nothing", "merge into a non-empty dir", "merge a missing adapter",
+         "cuda graph on cpu", "cuda graph and compile", "cuda graph and checkpointing"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -450,7 +473,7 @@ def test_bad_input_exits_2_and_changes_no_file(lm: SimpleNamespace, runs: dict[s
     assert "dorakit: error: " in err, err  # (after transformers' loading progress bar, if any)
     assert message in err[err.index("dorakit: error: "):], err
     assert (_tree(lm.root), _tree(tmp_path)) == before
-    assert not (tmp_path / "bad" / "nothing").exists() and not (tmp_path / "bad" / "merged").exists()
+    assert not any((tmp_path / "bad" / name).exists() for name in ("nothing", "merged", "graph"))
 
 
 def test_unknown_method_is_an_argparse_error(lm: SimpleNamespace, tmp_path: Path,

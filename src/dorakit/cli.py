@@ -98,6 +98,9 @@ def _finetune_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-every", type=int, default=d.log_every)
     p.add_argument("--eval-every", type=int, default=d.eval_every)
     p.add_argument("--save-every", type=int, default=d.save_every)
+    p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=d.cuda_graph,
+                   help="replay each micro-batch's forward + backward from a CUDA graph (one GPU; sequences padded "
+                   "to a bucket width, one graph per width): the eager GPU step is host-bound")
 
 
 def _eval_parser(sub: argparse._SubParsersAction) -> None:
@@ -240,7 +243,8 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(lr=args.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
                        schedule=args.schedule, max_steps=args.max_steps, grad_accum=args.grad_accum,
                        max_grad_norm=args.max_grad_norm, precision=args.precision, seed=args.seed,
-                       log_every=args.log_every, eval_every=args.eval_every, save_every=args.save_every)
+                       log_every=args.log_every, eval_every=args.eval_every, save_every=args.save_every,
+                       cuda_graph=args.cuda_graph)
 
 
 def _targets(args: argparse.Namespace) -> str | list[str]:

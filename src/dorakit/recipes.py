@@ -176,9 +176,30 @@ def _check_compile(args: FinetuneArgs) -> None:
     if args.compile and args.load_in_4bit:
         raise RecipeError("--compile with --load-in-4bit: bitsandbytes' 4-bit layers are not compiled here; drop "
                           "--compile (or --load-in-4bit).")
+    if args.compile and args.train.cuda_graph:
+        raise RecipeError("--compile with --cuda-graph: use one of them (torch.compile's mode='reduce-overhead' "
+                          "captures CUDA graphs itself).")
     if args.compile and not hasattr(torch.compiler, "set_stance"):
         raise RecipeError(f"--compile needs torch >= 2.6 (evaluation runs eager through torch.compiler.set_stance); "
                           f"this is torch {torch.__version__}. Upgrade torch or drop --compile.")
+
+
+def _check_cuda_graph(args: FinetuneArgs, device: torch.device) -> None:
+    """--cuda-graph's requirements, before anything is loaded (train() checks them again)."""
+    if not args.train.cuda_graph:
+        return
+    if args.strategy != "none":
+        raise RecipeError(f"--cuda-graph with --strategy {args.strategy}: DDP's and FSDP's communication runs on "
+                          "the host, which a CUDA graph cannot record; train one process (--strategy none), or drop "
+                          "--cuda-graph.")
+    if args.load_in_4bit:
+        raise RecipeError("--cuda-graph with --load-in-4bit: bitsandbytes' 4-bit layers are not captured here; drop "
+                          "--cuda-graph (or --load-in-4bit).")
+    if args.gradient_checkpointing:
+        raise RecipeError("--cuda-graph with --gradient-checkpointing: its recomputation saves and restores RNG "
+                          "states on the host, which a CUDA graph cannot record; drop one of them.")
+    if device.type != "cuda":
+        raise RecipeError(f"--cuda-graph needs a CUDA device, not {device}; drop --cuda-graph.")
 
 
 def _eager(evaluate: Callable[[nn.Module], dict[str, float]]) -> Callable[[nn.Module], dict[str, float]]:
@@ -221,6 +242,7 @@ def finetune(args: FinetuneArgs) -> FinetuneOutcome:
 def _finetune(args: FinetuneArgs, task: str, d: Dist, device: torch.device) -> FinetuneOutcome:
     _check_distributed(args, d)
     _check_compile(args)
+    _check_cuda_graph(args, device)
     torch.manual_seed(args.train.seed)  # a new head's and the adapters' initial values follow --seed too
     if task == "causal":
         model, tokenizer = load_model(args.model, task, load_in_4bit=args.load_in_4bit, device=device)
@@ -231,6 +253,7 @@ def _finetune(args: FinetuneArgs, task: str, d: Dist, device: torch.device) -> F
         def make_batch(idx: list[int]) -> dict[str, torch.Tensor]:
             return collate_causal([examples[i] for i in idx], pad)
         n_items, labels = len(examples), None
+        pad_values = {"input_ids": pad, "attention_mask": 0, "labels": IGNORE_INDEX}
     else:
         pairs = load_classification(args.data)
         labels = label_vocab(pairs)
@@ -245,6 +268,8 @@ def _finetune(args: FinetuneArgs, task: str, d: Dist, device: torch.device) -> F
                             return_tensors="pt")
             return {**enc, "labels": torch.tensor([ids[i] for i in idx])}
         n_items = len(texts)
+        pad_values = {"input_ids": tokenizer.pad_token_id, "attention_mask": 0,
+                      "token_type_ids": getattr(tokenizer, "pad_token_type_id", 0)}
     cfg = _adapter_config(args, model, task)
     if cfg is not None:
         apply_adapters(model, cfg)
@@ -279,7 +304,7 @@ def _finetune(args: FinetuneArgs, task: str, d: Dist, device: torch.device) -> F
         engine.compile()
     result = train(engine, batches, make_batch, tcfg, args.output_dir, identity=identity, evaluate=evaluate,
                    callbacks=callbacks, resume=args.resume, device=device,
-                   items=_causal_items if task == "causal" else None, dist=d)
+                   items=_causal_items if task == "causal" else None, dist=d, pad_values=pad_values)
     final = Path(args.output_dir) / "final"
     if d.main:
         if recorder is not None:

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .data import Batches
 from .distributed import ONE_PROCESS, Dist, all_sum, autocast_needed, barrier, gradient_sync, unwrap
+from .graphs import GraphedMicroStep
 from .io import atomic_write_bytes
 
 SCHEDULES = ("linear", "cosine", "constant")
@@ -69,6 +70,9 @@ class TrainConfig:
     """Run the evaluation every this many steps (0: only at the end)."""
     save_every: int = 0
     """Write a checkpoint every this many steps (0: only at the end and on Ctrl-C)."""
+    cuda_graph: bool = False
+    """Replay each micro-batch's forward + backward from a CUDA graph (dorakit.graphs): one CUDA
+    process, sequences right-padded to bucket widths (one graph each); the eager GPU step is host-bound."""
 
     def __post_init__(self) -> None:
         for name in ("max_steps", "grad_accum"):
@@ -85,6 +89,8 @@ class TrainConfig:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}.")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}.")
+        if not isinstance(self.cuda_graph, bool):
+            raise TypeError(f"cuda_graph must be True or False, got {self.cuda_graph!r}.")
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -114,6 +120,8 @@ class TrainResult:
     seconds: float = 0.0
     peak_memory_bytes: int = 0
     eval: dict[str, float] = field(default_factory=dict)
+    graph_captures: int = 0
+    """CUDA graphs captured (cfg.cuda_graph): one per padded sequence width."""
 
 
 # ---- the loop ------------------------------------------------------------------------------------
@@ -214,7 +222,8 @@ def train(model: nn.Module, batches: Batches, make_batch: Callable[[list[int]], 
           cfg: TrainConfig, out_dir: str | os.PathLike, *, identity: Mapping[str, object] | None = None,
           evaluate: Callable[[nn.Module], dict[str, float]] | None = None, callbacks: Iterable[Callback] = (),
           resume: bool = False, device: torch.device | str = "cpu", progress: bool = True,
-          items: ItemCount | None = None, dist: Dist = ONE_PROCESS) -> TrainResult:
+          items: ItemCount | None = None, dist: Dist = ONE_PROCESS,
+          pad_values: Mapping[str, int] | None = None) -> TrainResult:
     """Train the parameters of ``model`` that require grad; ``model(**make_batch(indices)).loss`` is the loss.
 
     ``batches`` yields each optimizer step's whole batch (all processes, all micro-batches); it is cut
@@ -223,6 +232,10 @@ def train(model: nn.Module, batches: Batches, make_batch: Callable[[list[int]], 
     by ``items(batch)`` (default: its number of examples), so the gradient is the same however the
     batch is split: one process equals N processes with the same global batch. ``model`` may be
     wrapped by dorakit.distributed.wrap (DDP or FSDP2); ``dist`` is this process's place.
+
+    ``cfg.cuda_graph`` replays each micro-batch's forward and backward from a CUDA graph
+    (dorakit.graphs); ``pad_values`` then says how to right-pad the batch's sequence tensors
+    (e.g. ``{"input_ids": pad_id, "attention_mask": 0, "labels": -100}``).
 
     Writes (rank 0) ``<out>/run.json`` (``identity``: what a resume must match), ``<out>/metrics.jsonl``
     and ``<out>/checkpoints/step-*``. Ctrl-C or SIGTERM writes a checkpoint at the last finished
@@ -234,9 +247,11 @@ def train(model: nn.Module, batches: Batches, make_batch: Callable[[list[int]], 
         raise ValueError(f"a step's batch of {batches.batch_size} items does not split into grad_accum "
                          f"{cfg.grad_accum} × {d.world_size} processes; make it a multiple of {slots}.")
     micro = batches.batch_size // slots
+    if cfg.cuda_graph:  # checked before anything is written
+        pad_values = _graph_pad_values(model, pad_values, d, device)
     _check_identity(out, {**(identity or {}), "global_batch": batches.batch_size,
                           "train": asdict(cfg) | {"log_every": None, "eval_every": None, "save_every": None,
-                                                  "grad_accum": None}}, resume, d)
+                                                  "grad_accum": None, "cuda_graph": None}}, resume, d)
     inner = unwrap(model)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -256,8 +271,9 @@ def train(model: nn.Module, batches: Batches, make_batch: Callable[[list[int]], 
     if resume and d.main:  # lines logged after the checkpoint (all of them if there is none yet): those steps run again
         _truncate_metrics(out / "metrics.jsonl", step)
     saved_step = step if ckpt is not None else -1
-    amp = (torch.autocast(device.type, dtype=torch.bfloat16 if cfg.precision == "bf16" else torch.float16)
-           if cfg.precision != "fp32" and autocast_needed(model) else nullcontext())
+    amp = _amp(model, cfg, device, cache=True)
+    graphed = (GraphedMicroStep(model, params, micro, pad_values, lambda: _amp(model, cfg, device, cache=False),
+                                scaler, device) if cfg.cuda_graph else None)
     result = TrainResult(steps=step, start_step=step)
     boundary = (batches.state_dict(), rng_state())
     stream, bar = batches.forever(), Progress(cfg.max_steps, progress and d.main)
@@ -274,8 +290,9 @@ def train(model: nn.Module, batches: Batches, make_batch: Callable[[list[int]], 
             parts = [indices[k * micro:(k + 1) * micro] for k in range(slots)]
             mine = [parts[i * d.world_size + d.rank] for i in range(cfg.grad_accum)
                     if any(parts[i * d.world_size:(i + 1) * d.world_size])]  # rounds some process has items in
-            loss_sum, step_tokens = _accumulate(model, mine, indices[:1], make_batch, items, amp, scaler, d, device)
-            _optimizer_step(optimizer, scaler, params, cfg.max_grad_norm)
+            loss_sum, step_tokens = _accumulate(model, mine, indices[:1], make_batch, items, amp, scaler, d, device,
+                                                graphed)
+            _optimizer_step(optimizer, scaler, params, cfg.max_grad_norm, keep_grads=graphed is not None)
             loss_sum, step_tokens = all_sum([loss_sum, step_tokens], d, device)
             step, done, tokens = step + 1, done + 1, tokens + int(step_tokens)
             boundary = (batches.state_dict(), rng_state())
@@ -300,6 +317,7 @@ def train(model: nn.Module, batches: Batches, make_batch: Callable[[list[int]], 
     if step != saved_step and step > 0:  # (rewriting a step already on disk would briefly leave `latest` dangling)
         save_checkpoint(out, step, inner, optimizer, boundary[0], boundary[1], _scaler_state(scaler), d)
     result.steps, result.seconds = step, time.perf_counter() - start
+    result.graph_captures = graphed.captures if graphed is not None else 0
     if device.type == "cuda":
         result.peak_memory_bytes = torch.cuda.max_memory_allocated(device)
     logged = logged_records(out / "metrics.jsonl", step)
@@ -320,27 +338,65 @@ def train(model: nn.Module, batches: Batches, make_batch: Callable[[list[int]], 
 def _accumulate(model: nn.Module, mine: list[list[int]], filler: list[int],
                 make_batch: Callable[[list[int]], dict[str, Tensor]], items: ItemCount | None,
                 amp: AbstractContextManager, scaler: torch.amp.GradScaler | None, d: Dist,
-                device: torch.device) -> tuple[float, float]:
+                device: torch.device, graphed: GraphedMicroStep | None = None) -> tuple[float, float]:
     """Forward and backward of this process's micro-batches of one step; returns (Σ item-weighted
     loss, tokens) of this process. The weights need the step's item count over all processes, so it
     is summed first. A process with no items in a round runs ``filler`` at weight 0 (FSDP and DDP
-    need every process in every forward and backward)."""
-    batches = [{k: v.to(device) for k, v in make_batch(part or filler).items()} for part in mine]
+    need every process in every forward and backward). ``graphed``: full micro-batches replay it."""
+    batches = [make_batch(part or filler) for part in mine]  # counted where make_batch put them (no sync)
     counts = [(items(b) if items is not None else len(part)) if part else 0 for part, b in zip(mine, batches)]
     total = all_sum([sum(counts)], d, device)[0]
     loss_sum, tokens = torch.zeros((), dtype=torch.float64, device=device), 0
     for j, (batch, count) in enumerate(zip(batches, counts)):
-        with gradient_sync(model, j == len(batches) - 1):
-            with amp:
-                output = model(**batch)
-                # DDP and FSDP average gradients over processes: × world_size makes it the mean over all items.
-                loss = output.loss * (count * d.world_size / total) if count else output.logits.sum() * 0.0
-            (scaler.scale(loss) if scaler else loss).backward()
+        # DDP and FSDP average gradients over processes: × world_size makes it the mean over all items.
+        weight = count * d.world_size / total if count else 0.0
+        if graphed is not None and count and graphed.fits(batch):
+            loss = graphed(batch, weight)
+        else:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with gradient_sync(model, j == len(batches) - 1):
+                with amp:
+                    output = model(**batch)
+                    weighted = output.loss * weight if count else output.logits.sum() * 0.0
+                (scaler.scale(weighted) if scaler else weighted).backward()
+            loss = output.loss.detach() if count else None
         if count:
-            loss_sum += output.loss.detach().double() * count
+            loss_sum += loss.double() * count
             mask = batch.get("attention_mask")
             tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
     return float(loss_sum) / max(total, 1), tokens
+
+
+def _amp(model: nn.Module, cfg: TrainConfig, device: torch.device, cache: bool) -> AbstractContextManager:
+    """Autocast to cfg.precision where the model needs it (FSDP's mixed precision does not); a CUDA
+    graph needs autocast's weight cache off (``cache=False``)."""
+    if cfg.precision == "fp32" or not autocast_needed(model):
+        return nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if cfg.precision == "bf16" else torch.float16,
+                          cache_enabled=cache)
+
+
+def _graph_pad_values(model: nn.Module, pad_values: Mapping[str, int] | None, d: Dist,
+                      device: torch.device) -> Mapping[str, int]:
+    """``pad_values`` after checking that this run can capture CUDA graphs (cfg.cuda_graph)."""
+    if device.type != "cuda":
+        raise ValueError(f"cuda_graph needs a CUDA device, not {device}; drop cuda_graph (--cuda-graph).")
+    if d.world_size > 1 or unwrap(model) is not model:
+        raise ValueError("cuda_graph with DDP or FSDP is not supported (their communication hooks run on the host); "
+                         "train one process (--strategy none), or drop cuda_graph.")
+    if getattr(model, "_compiled_call_impl", None) is not None:
+        raise ValueError("cuda_graph with a torch.compile'd model: use one of them (torch.compile's "
+                         "mode='reduce-overhead' captures CUDA graphs itself).")
+    checkpointing = getattr(model, "is_activation_checkpointing", None)  # transformers >= 5.18; before:
+    if checkpointing is None:
+        checkpointing = getattr(model, "is_gradient_checkpointing", False)
+    if checkpointing:
+        raise ValueError("cuda_graph with gradient checkpointing is not supported (its recomputation saves and "
+                         "restores RNG states on the host); drop one of them.")
+    if pad_values is None:
+        raise ValueError("cuda_graph needs pad_values: the value each sequence tensor is right-padded with, e.g. "
+                         "{'input_ids': pad_id, 'attention_mask': 0, 'labels': -100}.")
+    return pad_values
 
 
 def _seed(seed: int) -> None:
@@ -375,7 +431,9 @@ def _scaler_state(scaler: torch.amp.GradScaler | None) -> dict[str, object]:
 
 
 def _optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None, params: list[Tensor],
-                    max_grad_norm: float) -> None:
+                    max_grad_norm: float, keep_grads: bool = False) -> None:
+    """Unscale (fp16), clip, step, zero the gradients: ``keep_grads`` zeroes them in place (a CUDA graph
+    adds into them) instead of freeing them."""
     if scaler is not None:
         scaler.unscale_(optimizer)
     if max_grad_norm > 0:
@@ -385,7 +443,7 @@ def _optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScal
         scaler.update()
     else:
         optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad(set_to_none=not keep_grads)
 
 
 def _run_eval(model: nn.Module, evaluate: Callable[[nn.Module], dict[str, float]]) -> dict[str, float]:
