@@ -244,9 +244,24 @@ def test_training_steps_reduce_the_loss_and_leave_the_base_alone(bnb, variant: s
 
 # ---- model level: dispatch, merge / export, PEFT ---------------------------------------------------
 
+def _no_cpu_repack(model: nn.Module) -> nn.Module:
+    """Turns off bitsandbytes' AVX512-BF16 CPU inference path in every Linear4bit of ``model``.
+
+    On CPUs with AVX512-BF16, Linear4bit.forward in eval mode without grad repacks the weight in
+    place for that kernel (its scales rounded to bfloat16), and the repacking fails on this tiny
+    model's shapes (it needs out % 32 == 0 and in >= 64; k_proj is 16 × 32). dorakit's adapters never
+    call Linear4bit.forward (quant.matmul_4bit), but the layers left unadapted and PEFT's layers do, so
+    without this the tests would depend on the CPU they run on."""
+    for module in model.modules():
+        if quant.is_linear4bit(module):
+            module.support_avx512bf16_for_cpu = False
+    return model
+
+
 def quantized_model(bnb, make_tiny) -> tuple[nn.Module, object]:
     tiny = make_tiny("llama")
     names = quantize_model(tiny.model, compute_dtype=torch.float32)
+    _no_cpu_repack(tiny.model)
     assert len(names) == 14 and all(isinstance(tiny.model.get_submodule(n), bnb.nn.Linear4bit) for n in names)
     assert isinstance(tiny.model.lm_head, nn.Linear) and not quant.is_linear4bit(tiny.model.lm_head)
     return tiny.model, tiny
@@ -309,8 +324,8 @@ def test_save_then_peft_and_dorakit_load_on_a_transformers_4bit_model(bnb, make_
                                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32)
 
     def load() -> nn.Module:
-        return transformers.AutoModelForCausalLM.from_pretrained(
-            tmp_path / "base", quantization_config=bnb_cfg, device_map="cpu", dtype=torch.float32).eval()
+        return _no_cpu_repack(transformers.AutoModelForCausalLM.from_pretrained(
+            tmp_path / "base", quantization_config=bnb_cfg, device_map="cpu", dtype=torch.float32).eval())
 
     model = load()
     assert isinstance(model.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
