@@ -56,17 +56,19 @@ def run(method: str, args: argparse.Namespace, out: Path) -> dict[str, float]:
     batch_size, seq = PRESETS[args.preset][5:]
     n = batch_size * (args.warmup + args.steps)
     cfg = TrainConfig(max_steps=args.warmup + args.steps, lr=1e-4, cuda_graph=graph)
-    result = train(model, Batches(n, batch_size, seed=0), make_data(n, seq), cfg, out, progress=False, device="cuda",
-                   items=lambda b: int((b["labels"][:, 1:] != IGNORE_INDEX).sum()),
-                   pad_values={"input_ids": 0, "attention_mask": 0, "labels": IGNORE_INDEX})
+    try:
+        result = train(model, Batches(n, batch_size, seed=0), make_data(n, seq), cfg, out, progress=False,
+                       device="cuda", items=lambda b: int((b["labels"][:, 1:] != IGNORE_INDEX).sum()),
+                       pad_values={"input_ids": 0, "attention_mask": 0, "labels": IGNORE_INDEX})
+    finally:  # a failed method leaves no model behind on the GPU
+        del model
+        gc.collect()
+        torch.cuda.empty_cache()
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     elapsed = [r["elapsed_s"] for r in records if "elapsed_s" in r]
     tokens = [r["tokens"] for r in records if "tokens" in r]
     steps = [b - a for a, b in zip(elapsed[args.warmup - 1:], elapsed[args.warmup:])]
     step_tokens = [b - a for a, b in zip(tokens[args.warmup - 1:], tokens[args.warmup:])]
-    del model
-    gc.collect()
-    torch.cuda.empty_cache()
     return {"step_s": statistics.median(steps),
             "tokens_per_s": statistics.median(t / s for t, s in zip(step_tokens, steps)),
             "peak_gib": result.peak_memory_bytes / 2**30, "captures": result.graph_captures,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 
 import pytest
@@ -14,8 +15,9 @@ from conftest import VOCAB
 from torch import Tensor, nn
 
 import dorakit as dk
+import dorakit.graphs as graphs_mod
 from dorakit.data import IGNORE_INDEX, Batches
-from dorakit.graphs import WIDTH_MULTIPLE, GraphCaptureError, pad_to_width, padded_width
+from dorakit.graphs import WIDTH_MULTIPLE, GraphCaptureError, GraphedMicroStep, pad_to_width, padded_width
 from dorakit.train import TrainConfig, train
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -52,12 +54,22 @@ def test_pad_to_width_pads_the_named_tensors_only() -> None:
 @pytest.mark.parametrize("batch, width, match", [
     ({"input_ids": torch.zeros(2, 4, dtype=torch.long)}, 3, "cannot pad sequences of 4 tokens to a width of 3"),
     ({"labels": torch.zeros(2, 4, dtype=torch.long)}, 8, "needs input_ids"),
-    ({"input_ids": torch.zeros(2, 4, dtype=torch.long), "labels": torch.zeros(2, dtype=torch.long)}, 8,
-     r"names 'labels', but its shape \(2,\) is not \(batch, 4, ...\)"),
+    ({"input_ids": torch.zeros(2, 4, dtype=torch.long), "attention_mask": torch.ones(2, 4, dtype=torch.long),
+      "labels": torch.zeros(2, dtype=torch.long)}, 8, r"names 'labels', but its shape \(2,\) is not \(batch, 4, ...\)"),
+    ({"input_ids": torch.zeros(2, 4, dtype=torch.long), "labels": torch.zeros(2, 4, dtype=torch.long)}, 8,
+     "padding a CUDA-graph micro-batch needs an attention_mask"),
+    ({"input_ids": torch.zeros(2, 4, dtype=torch.long), "attention_mask": torch.ones(2, 4, dtype=torch.long),
+      "position_ids": torch.zeros(2, 4, dtype=torch.long)}, 8,
+     r"the batch's \['position_ids'\] have the sequence length of input_ids but no pad value"),
 ])
 def test_pad_to_width_rejects(batch: dict, width: int, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         pad_to_width(batch, width, PAD_VALUES)
+
+
+def test_pad_values_must_name_input_ids() -> None:
+    with pytest.raises(ValueError, match="pad_values must name input_ids"):
+        GraphedMicroStep(nn.Linear(2, 2), [], 2, {"labels": -100}, nullcontext, None, torch.device("cpu"))
 
 
 def test_cuda_graph_must_be_a_bool() -> None:
@@ -100,11 +112,13 @@ def _adapted(make_tiny: Callable, perturb: Callable, method: str) -> nn.Module:
     return model.to("cuda")
 
 
-def _train(model: nn.Module, out: Path, cfg: TrainConfig, n: int = 9, batch: int = 4) -> dk.train.TrainResult:
-    """Micro-batches of 2 rows; 9 examples in batches of 4: every third step's batch has a single row."""
+def _train(model: nn.Module, out: Path, cfg: TrainConfig, n: int = 9, batch: int = 4,
+           **kw: object) -> dk.train.TrainResult:
+    """Micro-batches of batch / grad_accum rows; 9 examples in batches of 4: every third step's batch
+    has a single row, which runs eagerly."""
     return train(model, Batches(n, batch, seed=cfg.seed), _variable_data(n), cfg, out, progress=False,
                  device="cuda", items=lambda b: int((b["labels"][:, 1:] != IGNORE_INDEX).sum()),
-                 pad_values=PAD_VALUES)
+                 pad_values=PAD_VALUES, **kw)
 
 
 def _records(out: Path) -> list[dict]:
@@ -114,9 +128,9 @@ def _records(out: Path) -> list[dict]:
 @pytest.mark.gpu
 @cuda
 @pytest.mark.parametrize("method", ["dora", "lora"])
-@pytest.mark.parametrize("precision, rtol", [("fp32", 1e-4), ("bf16", 4 * 2.0 ** -8)])
+@pytest.mark.parametrize("precision, rtol", [("fp32", 1e-4), ("bf16", 4 * 2.0 ** -8), ("fp16", 4 * 2.0 ** -10)])
 def test_gpu_cuda_graph_training_equals_eager(make_tiny: Callable, perturb: Callable, tmp_path: Path, method: str,
-                                              precision: str, rtol: float) -> None:
+                                              precision: str, rtol: float, monkeypatch: pytest.MonkeyPatch) -> None:
     """Six steps of grad_accum 2, eager and replayed from CUDA graphs, from the same start: the same
     losses and token counts per step, the same trained tensors (fp32: to rounding of other GEMM shapes;
     bf16: to a few bf16 epsilons). The data's widths cross 64 tokens, so the graph is captured again."""
@@ -125,8 +139,12 @@ def test_gpu_cuda_graph_training_equals_eager(make_tiny: Callable, perturb: Call
     graphed = _adapted(make_tiny, perturb, method)
     start = {n: p.detach().clone() for n, p in eager.named_parameters() if p.requires_grad}
     res_e = _train(eager, tmp_path / "eager", TrainConfig(**common))
+    replays = []
+    real_call = GraphedMicroStep.__call__
+    monkeypatch.setattr(GraphedMicroStep, "__call__", lambda self, *a: replays.append(1) or real_call(self, *a))
     res_g = _train(graphed, tmp_path / "graph", TrainConfig(**common, cuda_graph=True))
     assert res_e.graph_captures == 0 and res_g.graph_captures >= 2  # a 64- and a 128-token width
+    assert len(replays) == 8  # 2 epochs of batches 4, 4, 1: 8 micro-batches of 2 replayed, the 2 single rows eager
     rec_e, rec_g = _records(tmp_path / "eager"), _records(tmp_path / "graph")
     assert [r["tokens"] for r in rec_g] == [r["tokens"] for r in rec_e]
     torch.testing.assert_close(torch.tensor(res_g.losses), torch.tensor(res_e.losses), rtol=rtol, atol=0.0)
@@ -136,6 +154,58 @@ def test_gpu_cuda_graph_training_equals_eager(make_tiny: Callable, perturb: Call
             change_e, change_g = trained_e[name].detach() - start[name], p.detach() - start[name]
             assert change_e.norm() > 0, name
             assert (change_g - change_e).norm() <= 10 * rtol * change_e.norm(), name
+
+
+@pytest.mark.gpu
+@cuda
+def test_gpu_parameter_the_loss_does_not_reach_keeps_no_gradient(make_tiny: Callable, perturb: Callable,
+                                                                 tmp_path: Path) -> None:
+    """As in eager training, a trainable parameter outside the loss keeps grad None, so AdamW's weight
+    decay leaves it alone (the graph's gradient buffers are only kept for parameters the warm-up reached)."""
+    model = _adapted(make_tiny, perturb, "dora")
+    model.register_parameter("unreached", nn.Parameter(torch.ones(3, device="cuda")))
+    _train(model, tmp_path / "run", TrainConfig(max_steps=2, lr=1e-2, weight_decay=0.5, cuda_graph=True))
+    assert model.unreached.grad is None and torch.equal(model.unreached.detach(), torch.ones(3, device="cuda"))
+    assert model.model.layers[0].self_attn.q_proj.lora_A.grad is not None  # (kept, zeroed in place)
+
+
+class _Kill:
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def __call__(self, step: int, model: nn.Module) -> None:
+        if step == self.step:
+            raise RuntimeError(f"killed at step {self.step}")
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("keep_rng", [True, False])
+def test_gpu_cuda_graph_resume_continues_the_same_random_stream(make_tiny: Callable, perturb: Callable,
+                                                                tmp_path: Path, keep_rng: bool,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """With dropout, a run killed at step 5 and resumed from its step-3 checkpoint logs the losses of an
+    uninterrupted run: the resumed process captures its graphs at other steps, and the warm-up passes'
+    dropout draws are kept out of the run's random stream. Negative control (keep_rng=False): without
+    that, the resumed losses differ."""
+    if not keep_rng:
+        monkeypatch.setattr(graphs_mod, "_rng_kept", lambda device: nullcontext())
+    cfg = TrainConfig(lr=5e-3, max_steps=6, grad_accum=2, save_every=3, seed=5, cuda_graph=True)
+
+    def model() -> nn.Module:
+        m = make_tiny("llama", seed=0).model
+        torch.manual_seed(1)
+        dk.apply_adapters(m, dk.AdapterConfig(method="dora", rank=4, alpha=8.0, targets="all-linear", dropout=0.2))
+        perturb(m, seed=2)
+        return m.to("cuda")
+
+    full = _train(model(), tmp_path / "full", cfg)
+    with pytest.raises(RuntimeError, match="killed at step 5"):
+        _train(model(), tmp_path / "cut", cfg, callbacks=[_Kill(5)])
+    resumed = _train(model(), tmp_path / "cut", cfg, resume=True)
+    assert len(resumed.losses) == 3 and resumed.graph_captures >= 1
+    close = torch.allclose(torch.tensor(resumed.losses), torch.tensor(full.losses[3:]), rtol=1e-5, atol=0.0)
+    assert close == keep_rng, (resumed.losses, full.losses[3:])
 
 
 @pytest.mark.gpu

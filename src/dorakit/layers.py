@@ -218,7 +218,13 @@ class AdapterLayer(nn.Module):
     def refresh_weight_cache(self) -> None:
         """Recompute the cached ||w_n||² of W0 (float32; float64 for a float64 W0) and drop the cached
         inference norm (see _prepared): call it after writing W0, A or B through ``.data``."""
-        self.weight_sq = row_norm_sq(self.weight_2d())
+        weight_sq = row_norm_sq(self.weight_2d())
+        old = self.weight_sq
+        if (old.shape == weight_sq.shape and old.dtype == weight_sq.dtype and old.device == weight_sq.device
+                and not old.is_inference()):
+            old.copy_(weight_sq)  # in place: a captured CUDA graph (train's cuda_graph) keeps reading this tensor
+        else:
+            self.weight_sq = weight_sq
         self._weight_sq_key = self._cache_key(self.base_layer.weight)
         self._norm_cache = None
 

@@ -273,7 +273,7 @@ def train(model: nn.Module, batches: Batches, make_batch: Callable[[list[int]], 
     saved_step = step if ckpt is not None else -1
     amp = _amp(model, cfg, device, cache=True)
     graphed = (GraphedMicroStep(model, params, micro, pad_values, lambda: _amp(model, cfg, device, cache=False),
-                                scaler, device) if cfg.cuda_graph else None)
+                                scaler, device, _position_limit(inner)) if cfg.cuda_graph else None)
     result = TrainResult(steps=step, start_step=step)
     boundary = (batches.state_dict(), rng_state())
     stream, bar = batches.forever(), Progress(cfg.max_steps, progress and d.main)
@@ -376,6 +376,12 @@ def _amp(model: nn.Module, cfg: TrainConfig, device: torch.device, cache: bool) 
                           cache_enabled=cache)
 
 
+def _position_limit(model: nn.Module) -> int | None:
+    """A transformers model's max_position_embeddings (CUDA-graph padding stays within it), else None."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return limit if isinstance(limit, int) and limit > 0 else None
+
+
 def _graph_pad_values(model: nn.Module, pad_values: Mapping[str, int] | None, d: Dist,
                       device: torch.device) -> Mapping[str, int]:
     """``pad_values`` after checking that this run can capture CUDA graphs (cfg.cuda_graph)."""
@@ -384,7 +390,7 @@ def _graph_pad_values(model: nn.Module, pad_values: Mapping[str, int] | None, d:
     if d.world_size > 1 or unwrap(model) is not model:
         raise ValueError("cuda_graph with DDP or FSDP is not supported (their communication hooks run on the host); "
                          "train one process (--strategy none), or drop cuda_graph.")
-    if getattr(model, "_compiled_call_impl", None) is not None:
+    if getattr(model, "_compiled_call_impl", None) is not None or hasattr(model, "_orig_mod"):
         raise ValueError("cuda_graph with a torch.compile'd model: use one of them (torch.compile's "
                          "mode='reduce-overhead' captures CUDA graphs itself).")
     checkpointing = getattr(model, "is_activation_checkpointing", None)  # transformers >= 5.18; before:
