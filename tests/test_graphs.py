@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import VOCAB
+from conftest import VOCAB, RaiseAtStep
 from torch import Tensor, nn
 
 import dorakit as dk
 import dorakit.graphs as graphs_mod
-from dorakit.data import IGNORE_INDEX, Batches
+from dorakit.data import IGNORE_INDEX, Batches, CausalExample, collate_causal
 from dorakit.graphs import WIDTH_MULTIPLE, GraphCaptureError, GraphedMicroStep, pad_to_width, padded_width
 from dorakit.train import TrainConfig, train
 
@@ -81,15 +81,10 @@ def _variable_data(n: int, seed: int = 0) -> Callable[[list[int]], dict[str, Ten
     """Right-padded sequences of 3 to 100 tokens (so a run crosses the 64-token width), labels = inputs."""
     gen = torch.Generator().manual_seed(seed)
     lengths = [3, 100, *torch.randint(3, 100, (n - 2,), generator=gen).tolist()]
-    seqs = [torch.randint(3, VOCAB, (n_tok,), generator=gen) for n_tok in lengths]
+    seqs = [torch.randint(3, VOCAB, (n_tok,), generator=gen).tolist() for n_tok in lengths]
 
     def make_batch(idx: list[int]) -> dict[str, Tensor]:
-        width = max(len(seqs[i]) for i in idx)
-        ids = torch.full((len(idx), width), PAD)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for row, i in enumerate(idx):
-            ids[row, :len(seqs[i])], mask[row, :len(seqs[i])] = seqs[i], 1
-        return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, IGNORE_INDEX)}
+        return collate_causal([CausalExample(seqs[i], seqs[i]) for i in idx], PAD)
 
     return make_batch
 
@@ -169,15 +164,6 @@ def test_gpu_parameter_the_loss_does_not_reach_keeps_no_gradient(make_tiny: Call
     assert model.model.layers[0].self_attn.q_proj.lora_A.grad is not None  # (kept, zeroed in place)
 
 
-class _Kill:
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def __call__(self, step: int, model: nn.Module) -> None:
-        if step == self.step:
-            raise RuntimeError(f"killed at step {self.step}")
-
-
 @pytest.mark.gpu
 @cuda
 @pytest.mark.parametrize("keep_rng", [True, False])
@@ -201,7 +187,7 @@ def test_gpu_cuda_graph_resume_continues_the_same_random_stream(make_tiny: Calla
 
     full = _train(model(), tmp_path / "full", cfg)
     with pytest.raises(RuntimeError, match="killed at step 5"):
-        _train(model(), tmp_path / "cut", cfg, callbacks=[_Kill(5)])
+        _train(model(), tmp_path / "cut", cfg, callbacks=[RaiseAtStep(5)])
     resumed = _train(model(), tmp_path / "cut", cfg, resume=True)
     assert len(resumed.losses) == 3 and resumed.graph_captures >= 1
     close = torch.allclose(torch.tensor(resumed.losses), torch.tensor(full.losses[3:]), rtol=1e-5, atol=0.0)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import VOCAB
+from conftest import VOCAB, RaiseAtStep
 from torch import Tensor, nn
 
 import dorakit as dk
@@ -82,17 +82,6 @@ def _trainable(model: nn.Module) -> dict[str, Tensor]:
 def _tree(root: Path) -> dict[str, bytes]:
     """Every file under ``root`` (relative path -> bytes): what "untouched" means for a run directory."""
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-class _Raise:
-    """A callback that simulates a kill (an exception, so no final checkpoint) at step ``at``."""
-
-    def __init__(self, at: int) -> None:
-        self.at = at
-
-    def __call__(self, step: int, model: nn.Module) -> None:
-        if step == self.at:
-            raise RuntimeError(f"killed at step {step}")
 
 
 # ------------------------------------------------------------------------------------------ lr schedule
@@ -183,7 +172,7 @@ def test_resume_after_kill_is_identical(make_tiny: Callable, tmp_path: Path, met
     full = _run(_model(make_tiny, method, dropout=0.2), tmp_path / "full", RESUME)
     model = _model(make_tiny, method, dropout=0.2)
     with pytest.raises(RuntimeError, match="killed at step 5"):
-        _run(model, tmp_path / "cut", RESUME, callbacks=[_Raise(5)])
+        _run(model, tmp_path / "cut", RESUME, callbacks=[RaiseAtStep(5)])
     ckpt = latest_checkpoint(tmp_path / "cut")
     assert ckpt.name == "step-0000003"
     assert json.loads((ckpt / "state.json").read_text())["batches"]["index"] != 0  # mid-epoch
@@ -205,7 +194,7 @@ def test_resume_test_is_sensitive_to_the_rng_state(make_tiny: Callable, tmp_path
     """Negative control: with dropout on, skipping the RNG restore changes the losses after a resume."""
     full = _run(_model(make_tiny, dropout=0.2), tmp_path / "full", RESUME)
     with pytest.raises(RuntimeError):
-        _run(_model(make_tiny, dropout=0.2), tmp_path / "cut", RESUME, callbacks=[_Raise(5)])
+        _run(_model(make_tiny, dropout=0.2), tmp_path / "cut", RESUME, callbacks=[RaiseAtStep(5)])
     monkeypatch.setattr(train_mod, "set_rng_state", lambda state: None)
     resumed = _run(_model(make_tiny, dropout=0.2), tmp_path / "cut", RESUME, resume=True)
     assert resumed.losses != full.losses[3:]
@@ -216,7 +205,7 @@ def test_resume_before_the_first_checkpoint_restarts_without_duplicate_metrics(m
     cfg = TrainConfig(lr=5e-3, max_steps=4, grad_accum=2, save_every=0)
     full = _run(_model(make_tiny, dropout=0.2), tmp_path / "full", cfg)
     with pytest.raises(RuntimeError):
-        _run(_model(make_tiny, dropout=0.2), tmp_path / "cut", cfg, callbacks=[_Raise(3)])
+        _run(_model(make_tiny, dropout=0.2), tmp_path / "cut", cfg, callbacks=[RaiseAtStep(3)])
     assert latest_checkpoint(tmp_path / "cut") is None and _steps(tmp_path / "cut") == [1, 2]
     resumed = _run(_model(make_tiny, dropout=0.2), tmp_path / "cut", cfg, resume=True)
     assert resumed.losses == full.losses
@@ -235,7 +224,7 @@ def test_fp16_resume_restores_the_loss_scale(make_tiny: Callable, tmp_path: Path
     cfg = TrainConfig(lr=5e-3, max_steps=8, grad_accum=2, save_every=2, precision="fp16")
     full = _run(_model(make_tiny), tmp_path / "full", cfg)
     with pytest.raises(RuntimeError):
-        _run(_model(make_tiny), tmp_path / "cut", cfg, callbacks=[_Raise(3)])
+        _run(_model(make_tiny), tmp_path / "cut", cfg, callbacks=[RaiseAtStep(3)])
     state = json.loads((latest_checkpoint(tmp_path / "cut") / "state.json").read_text())
     assert state["scaler"]["scale"] > 0 and "_growth_tracker" in state["scaler"]
     resumed = _run(_model(make_tiny), tmp_path / "cut", cfg, resume=True)
