@@ -346,6 +346,25 @@ def test_a_process_group_the_caller_made_is_left_to_the_caller(lm: SimpleNamespa
     _assert_same_training(tmp_path / "out", tmp_path / "ref")  # DDP on the caller's group of 1 trained as usual
 
 
+def test_a_finished_run_meets_at_a_barrier_before_leaving_the_group(lm: SimpleNamespace, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rank that left right after its last collective could abort in gloo's worker thread (see
+    distributed.teardown): a finished run meets at a barrier first; a failed one does not wait for ranks
+    that may never come."""
+    calls: list[str] = []
+    for name in ("barrier", "destroy_process_group"):
+        real = getattr(torch.distributed, name)
+        monkeypatch.setattr(torch.distributed, name,
+                            lambda *a, _real=real, _name=name, **k: (calls.append(_name), _real(*a, **k))[1])
+    _launched(monkeypatch, 1)
+    assert main(_argv(lm, tmp_path / "ok", "--batch-size", "4", "--strategy", "ddp")) == 0
+    assert calls == ["barrier", "destroy_process_group"]
+    calls.clear()
+    _launched(monkeypatch, 1)
+    assert main(_argv(lm, tmp_path / "bad", "--batch-size", "4", "--strategy", "fsdp", "--record-deltas", "1")) == 2
+    assert calls == ["destroy_process_group"] and not torch.distributed.is_initialized()
+
+
 def test_compile_trains_what_eager_trains(runs: dict[str, Path], lm: SimpleNamespace, tmp_path: Path) -> None:
     """--compile (torch.compile in place): the same losses and adapter as the eager one-process run, to
     float32 reordering; its checkpoints keep the model's own names (a compiled run resumes an eager one's)."""

@@ -234,9 +234,12 @@ def finetune(args: FinetuneArgs) -> FinetuneOutcome:
     task = model_task(args.model, args.task)
     d, device = setup(args.strategy, args.device)
     try:
-        return _finetune(args, task, d, device)
-    finally:
-        teardown()
+        outcome = _finetune(args, task, d, device)
+    except BaseException:
+        teardown(finished=False)
+        raise
+    teardown()
+    return outcome
 
 
 def _finetune(args: FinetuneArgs, task: str, d: Dist, device: torch.device) -> FinetuneOutcome:
