@@ -59,7 +59,7 @@ def main() -> None:
     rows = [("torch.empty", per_call_us(lambda: torch.empty(64, device=device), device)),
             ("F.linear", per_call_us(lambda: F.linear(x, w), device))]
     if device == "cuda":
-        from dorakit.kernels import triton_dora as td
+        from dorakit.adapters.kernels import triton_dora as td
 
         a, b = torch.randn(16, 64, device=device), torch.randn(64, 16, device=device)
         bufs = td._copy_buffers(a, b, dtype)
@@ -68,7 +68,7 @@ def main() -> None:
             td._copies_kernel[(2,)](*bufs, 64, 64, 16, 2.0, 2, BLOCK_N=32, BLOCK_K=64, BLOCK_R=16)
 
         rows.append(("one Triton launch (the LoRA copies kernel)", per_call_us(launch, device)))
-        rows.append(("dorakit.kernels.dora_prepare (allocations + the norm kernel)",
+        rows.append(("dorakit.adapters.kernels.dora_prepare (allocations + the norm kernel)",
                      per_call_us(lambda: td.dora_prepare(w, a, b, 2.0), device)))
     backends = ["torch", "fused"] + (["triton"] if device == "cuda" else [])
     xg = torch.randn(8, 64, device=device, dtype=dtype, requires_grad=True)

@@ -4,7 +4,7 @@ For each (out, in) shape: the per-step norm and adapter copies (``dora_prepare``
 and the torch ops of the "fused" backend), with the bandwidth it reaches reading W0 once (median of
 CUDA-graph replays over copies of W0 that overflow the L2 cache). ``--sweep`` tries other launch
 settings on the 1B shapes ("programs": 1 is one slice of K, no split). The setting kept in
-``dorakit.kernels.triton_dora.PREPARE_CONFIG`` came from the same sweep run on a scratch copy of
+``dorakit.adapters.kernels.triton_dora.PREPARE_CONFIG`` came from the same sweep run on a scratch copy of
 the kernel over the 1B and 8B shapes, timed with ``do_bench`` (see the README).
 
     python benchmarks/bench_kernels.py                      # bf16, r = 16, CUDA
@@ -53,8 +53,8 @@ L2_ROTATION = 200e6
 
 
 def main() -> None:
-    from dorakit.functional import row_norm_sq
-    from dorakit.kernels import dora_prepare, triton_dora
+    from dorakit.adapters.functional import row_norm_sq
+    from dorakit.adapters.kernels import dora_prepare, triton_dora
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])

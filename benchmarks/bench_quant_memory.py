@@ -36,8 +36,8 @@ def run_one(method: str, out_f: int, in_f: int, tokens: int, steps: int, rank: i
     import torch
     from torch import nn
 
-    from dorakit.layers import LinearAdapter
-    from dorakit.quant import Linear4bitAdapter, quantize_linear
+    from dorakit.adapters.layers import LinearAdapter
+    from dorakit.adapters.quant import Linear4bitAdapter, quantize_linear
 
     torch.manual_seed(0)
     dense = nn.Linear(in_f, out_f, bias=False, dtype=torch.bfloat16).requires_grad_(False)

@@ -1,4 +1,4 @@
-"""dorakit's own training loop (dorakit.train.train) on a LLaMA-shaped model: eager vs ``cuda_graph=True``.
+"""dorakit's own training loop (dorakit.training.train.train) on a LLaMA-shaped model: eager vs ``cuda_graph=True``.
 
 Where bench_train_step.py times one step in isolation, this runs the loop a user runs (``dorakit
 finetune`` calls it): data collation, loss weighting, clipping, AdamW, the LR schedule, a metrics
@@ -27,8 +27,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_train_step import PRESETS, build, wrap
 
-from dorakit.data import IGNORE_INDEX, Batches, CausalExample, collate_causal
-from dorakit.train import TrainConfig, train
+from dorakit.training.data import IGNORE_INDEX, Batches, CausalExample, collate_causal
+from dorakit.training.train import TrainConfig, train
 
 METHODS = ["dorakit-dora", "dorakit-dora+graph", "dorakit-lora", "dorakit-lora+graph", "peft-dora", "peft-dora+graph",
            "peft-lora", "peft-lora+graph"]

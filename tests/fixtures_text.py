@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from dorakit.data import Record, format_prompt
+from dorakit.training.data import Record, format_prompt
 
 SPECIALS = ("<s>", "</s>", "<unk>")  # ids 0, 1, 2: the BOS / EOS ids of conftest's tiny llama and gpt2
 

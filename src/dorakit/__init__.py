@@ -8,9 +8,9 @@
     plain = dk.merge_and_unload(model)
 """
 
-from . import functional, kernels
-from .config import AdapterConfig, ConfigError
-from .inject import (
+from .adapters import functional, kernels
+from .adapters.config import AdapterConfig, ConfigError
+from .adapters.inject import (
     AdapterPlan,
     InjectionReport,
     TargetError,
@@ -26,8 +26,9 @@ from .inject import (
     remove_adapters,
     unmerge_adapters,
 )
-from .io import AdapterFiles, convert_bin_adapter, peft_state_dict, read_adapter, save_adapter
-from .layers import (
+from .formats.dispatch import load_adapter, save_adapter
+from .formats.io import AdapterFiles, convert_bin_adapter, peft_state_dict, read_adapter
+from .adapters.layers import (
     AdapterLayer,
     AdapterStateError,
     Conv1DAdapter,
@@ -35,17 +36,16 @@ from .layers import (
     EmbeddingAdapter,
     LinearAdapter,
 )
-from .loading import load_adapter
-from .params import (
+from .adapters.params import (
     adapter_parameters,
     adapter_state_dict,
     count_parameters,
     trainable_parameters,
     trainable_summary,
 )
-from .peft_format import AdapterFileError
-from .quant import Linear4bitAdapter, quantize_linear, quantize_model
-from .vera import VeraAdapter
+from .formats.peft_format import AdapterFileError
+from .adapters.quant import Linear4bitAdapter, quantize_linear, quantize_model
+from .adapters.vera import VeraAdapter
 
 __version__ = "0.1.0"
 

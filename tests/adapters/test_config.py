@@ -14,7 +14,7 @@ import pytest
 from torch import nn
 
 import dorakit as dk
-from dorakit.config import ConfigError
+from dorakit.adapters.config import ConfigError
 
 
 def test_defaults_are_valid_and_documented_values() -> None:

@@ -1,4 +1,4 @@
-"""Tests for dorakit.functional: the pure DoRA / LoRA math against dense float64 references.
+"""Tests for dorakit.adapters.functional: the pure DoRA / LoRA math against dense float64 references.
 
 Every reference here is written out densely and independently of dorakit: the adapted weight
 V = W0 + s·B·A is formed as a matrix and its per-output-row norm taken with plain float64 ops.

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import dorakit as dk
-from dorakit.layers import LinearAdapter
+from dorakit.adapters.layers import LinearAdapter
 
 pytestmark = pytest.mark.gpu
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

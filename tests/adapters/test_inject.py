@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import dorakit as dk
-from dorakit.layers import AdapterLayer, Conv1DAdapter, ConvAdapter, EmbeddingAdapter, LinearAdapter
+from dorakit.adapters.layers import AdapterLayer, Conv1DAdapter, ConvAdapter, EmbeddingAdapter, LinearAdapter
 
 # Which modules each tiny model adapts in the model-wide tests: every adaptable kind appears
 # (nn.Linear, nn.Conv1d, transformers Conv1D; nn.Conv2d in ViT's own test).

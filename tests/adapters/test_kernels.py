@@ -1,4 +1,4 @@
-"""Tests for dorakit.kernels: the fused and Triton DoRA paths against a dense float64 reference.
+"""Tests for dorakit.adapters.kernels: the fused and Triton DoRA paths against a dense float64 reference.
 
 The reference forms V = W0 + s·B·A densely in float64, detaches ||V||_c (norm_grad="detach",
 paper §4.3) and computes y = x (m ⊙ V / ||V||_c)ᵀ + b; autograd gives every gradient (x, A, B, m, b).
@@ -19,9 +19,9 @@ if not torch.cuda.is_available():  # must be set before triton_dora is imported 
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import dorakit as dk  # noqa: E402
-from dorakit.functional import row_norm_sq  # noqa: E402
-from dorakit.kernels import dora_linear, dora_norm, dora_prepare, lora_prepare  # noqa: E402
-from dorakit.layers import ConvAdapter, LinearAdapter  # noqa: E402
+from dorakit.adapters.functional import row_norm_sq  # noqa: E402
+from dorakit.adapters.kernels import dora_linear, dora_norm, dora_prepare, lora_prepare  # noqa: E402
+from dorakit.adapters.layers import ConvAdapter, LinearAdapter  # noqa: E402
 
 F64 = torch.float64
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -195,7 +195,7 @@ def test_triton_prepare_over_several_tiles(
     fewer, as many or more row blocks than tiles, into NaN-filled buffers: every tile of the A copies
     and every row of the B copies is written, and the norm finished from the partial sums, in torch
     and by the forward kernel, matches float64."""
-    from dorakit.kernels import triton_dora as td
+    from dorakit.adapters.kernels import triton_dora as td
 
     n, k = out_in
     t = _case((1, k, n, 7), dtype, False, False, seed=5, device=DEVICE)
@@ -432,7 +432,7 @@ def test_lora_with_hooks_on_the_base_layer_takes_the_eager_path() -> None:
 
 @needs_triton
 def test_triton_takes_ranks_up_to_its_limit() -> None:
-    from dorakit.layers import TRITON_MAX_RANK
+    from dorakit.adapters.layers import TRITON_MAX_RANK
 
     for rank, reason in ((TRITON_MAX_RANK, None), (TRITON_MAX_RANK + 1, "shared memory")):
         layer = LinearAdapter(nn.Linear(300, 300).requires_grad_(False), "dora", rank, 8.0)
@@ -450,8 +450,8 @@ import json, sys
 import torch, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from dorakit.kernels import triton_dora as td
-from dorakit.layers import TRITON_MAX_RANK
+from dorakit.adapters.kernels import triton_dora as td
+from dorakit.adapters.layers import TRITON_MAX_RANK
 
 target = GPUTarget("cuda", 86, 32)
 def shared(fn, sig, consts, **opts):

@@ -1,6 +1,6 @@
-"""Tests for dorakit.layers: every adapter layer against a dense float64 reference written here.
+"""Tests for dorakit.adapters.layers: every adapter layer against a dense float64 reference written here.
 
-The reference never calls dorakit.functional. It forms the adapted weight densely,
+The reference never calls dorakit.adapters.functional. It forms the adapted weight densely,
 
     V = W0 + s·B·A,   W' = m ⊙ V / ||V||_c   (DoRA, Liu et al. 2024, Eq. 5)
     W' = W0 + s·B·A                          (LoRA)

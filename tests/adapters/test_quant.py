@@ -1,4 +1,4 @@
-"""Tests for dorakit.quant: QLoRA / QDoRA over a bitsandbytes 4-bit (NF4 / FP4) base, on the CPU.
+"""Tests for dorakit.adapters.quant: QLoRA / QDoRA over a bitsandbytes 4-bit (NF4 / FP4) base, on the CPU.
 
 The reference is DoRA / LoRA on a dense ``nn.Linear`` holding W0 = dequant(Q): dorakit's
 LinearAdapter in float64 (itself checked against an independent float64 reference in
@@ -24,11 +24,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import dorakit as dk
-from dorakit import quant
-from dorakit.functional import row_norm_sq
-from dorakit.inject import adapter_class
-from dorakit.layers import AdapterStateError, LinearAdapter
-from dorakit.quant import Linear4bitAdapter, dequantize_weight, quantize_linear, quantize_model
+from dorakit.adapters import quant
+from dorakit.adapters.functional import row_norm_sq
+from dorakit.adapters.inject import adapter_class
+from dorakit.adapters.layers import AdapterStateError, LinearAdapter
+from dorakit.adapters.quant import Linear4bitAdapter, dequantize_weight, quantize_linear, quantize_model
 
 F64 = torch.float64
 RANK, ALPHA = 3, 5.0

@@ -1,6 +1,6 @@
-"""Tests for dorakit.vera and dorakit.vera_io: VeRA and DVoRA.
+"""Tests for dorakit.adapters.vera and dorakit.formats.vera_io: VeRA and DVoRA.
 
-The float64 reference never calls dorakit.functional. It forms the adapted weight densely from the
+The float64 reference never calls dorakit.adapters.functional. It forms the adapted weight densely from the
 shared matrices, sliced to the layer (A = vera_A[:r, :in], B = vera_B[:out, :r]),
 
     V = W0 + diag(b)·B·diag(d)·A                         (VeRA, Kopiczko et al. 2024, Eq. 1)
@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 import dorakit as dk
-from dorakit.vera import VeraAdapter, VeraConv1DAdapter, VeraLinearAdapter, VeraProjections, vera_projections
+from dorakit.adapters.vera import VeraAdapter, VeraConv1DAdapter, VeraLinearAdapter, VeraProjections, vera_projections
 
 peft = pytest.importorskip("peft")
 

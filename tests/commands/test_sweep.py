@@ -10,9 +10,9 @@ import torch
 from fixtures_text import prompt_words, shared_task_file, word_tokenizer
 
 from dorakit import AdapterConfig
-from dorakit.cli import main
-from dorakit.data import load_records
-from dorakit.sweep import PRESETS, count_for, meta_model
+from dorakit.commands.cli import main
+from dorakit.training.data import load_records
+from dorakit.commands.sweep import PRESETS, count_for, meta_model
 
 QKVUD = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]  # the paper's LLaMA targets (Hu et al. 2023)
 

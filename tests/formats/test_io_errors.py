@@ -302,7 +302,7 @@ def _failing_after(calls: int, real: Callable, exc: type[BaseException] = OSErro
 
 
 CRASHES = {  # (what to patch, after how many successful calls it fails)
-    "serialising the tensors": ("dorakit.io.save_safetensors_bytes", 0),
+    "serialising the tensors": ("dorakit.formats.io.save_safetensors_bytes", 0),
     "writing the weights": ("os.fsync", 0),
     "writing the config": ("os.fsync", 1),
     "renaming the weights into place": ("os.replace", 0),

@@ -1,5 +1,5 @@
 """Run by torchrun from test_distributed.py: one DoRA / LoRA training step of a tiny Llama sharded with
-FSDP2 (dorakit.distributed.wrap), against the same step of the unsharded model in this process.
+FSDP2 (dorakit.training.distributed.wrap), against the same step of the unsharded model in this process.
 
 Prints one JSON line (rank 0): how many all-gathers FSDP issued, and the largest differences of the
 loss and of every gradient from the unsharded reference.
@@ -18,7 +18,7 @@ import torch.distributed as dist
 import transformers
 
 import dorakit as dk
-from dorakit.distributed import Dist, autocast_needed, setup, teardown, wrap
+from dorakit.training.distributed import Dist, autocast_needed, setup, teardown, wrap
 
 
 def tiny_llama(method: str) -> torch.nn.Module:

@@ -1,4 +1,4 @@
-"""dorakit.data: loading and validating the three formats, the prompt template, label masking,
+"""dorakit.training.data: loading and validating the three formats, the prompt template, label masking,
 truncation, padding, classification pairs and resumable batches."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 import torch
 from fixtures_text import shared_task_file, word_tokenizer, write_json
 
-from dorakit.data import (
+from dorakit.training.data import (
     IGNORE_INDEX,
     Batches,
     CausalExample,

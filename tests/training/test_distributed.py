@@ -1,4 +1,4 @@
-"""dorakit.distributed: `dorakit finetune` under torchrun / accelerate launch with DDP and FSDP2 (gloo, CPU).
+"""dorakit.training.distributed: `dorakit finetune` under torchrun / accelerate launch with DDP and FSDP2 (gloo, CPU).
 
 The invariant: N processes with the same global batch train the same model as one process (losses
 and the final adapter equal to float tolerance), the epoch's short last step included (a process
@@ -26,8 +26,8 @@ import torch
 from fixtures_text import prompt_words, word_tokenizer
 
 import dorakit as dk
-from dorakit.cli import main
-from dorakit.data import Record
+from dorakit.commands.cli import main
+from dorakit.training.data import Record
 
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore:the tokenizer has no pad token")]
 WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa", "lambda", "mu"]
@@ -379,7 +379,7 @@ def test_compile_trains_what_eager_trains(runs: dict[str, Path], lm: SimpleNames
     assert ta.keys() == tb.keys()
     for key in ta:
         torch.testing.assert_close(ta[key], tb[key], rtol=1e-4, atol=1e-5, msg=key)
-    from dorakit.checkpoint import read_checkpoint
+    from dorakit.training.checkpoint import read_checkpoint
 
     compiled_ckpt = read_checkpoint(out / "checkpoints" / "step-0000002")
     assert compiled_ckpt.keys() == read_checkpoint(runs["one"] / "checkpoints" / "step-0000002").keys()

@@ -1,4 +1,4 @@
-"""dorakit.evaluate: task names, DoRA's answer extraction on real items, log-likelihood scores against a
+"""dorakit.training.evaluate: task names, DoRA's answer extraction on real items, log-likelihood scores against a
 hand computation, generation (batched == one by one), mode restoring, and the results table."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import torch
 from fixtures_text import prompt_words, shared_task_file, word_tokenizer
 from torch import Tensor, nn
 
-from dorakit.data import Record, encode_prompt, format_prompt, load_records
-from dorakit.evaluate import (
+from dorakit.training.data import Record, encode_prompt, format_prompt, load_records
+from dorakit.training.evaluate import (
     DEFAULT_CANDIDATES,
     RESPONSE_FORMAT,
     TASKS,

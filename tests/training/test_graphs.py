@@ -1,4 +1,4 @@
-"""dorakit.graphs and train(cuda_graph=True): padding to fixed shapes on CPU; on a GPU, CUDA-graph
+"""dorakit.training.graphs and train(cuda_graph=True): padding to fixed shapes on CPU; on a GPU, CUDA-graph
 training equals eager training (losses, tokens, trained tensors), recaptures for wider batches, runs a
 short last batch eagerly, and a model that cannot be captured is a clear error."""
 
@@ -15,10 +15,10 @@ from conftest import VOCAB, RaiseAtStep
 from torch import Tensor, nn
 
 import dorakit as dk
-import dorakit.graphs as graphs_mod
-from dorakit.data import IGNORE_INDEX, Batches, CausalExample, collate_causal
-from dorakit.graphs import WIDTH_MULTIPLE, GraphCaptureError, GraphedMicroStep, pad_to_width, padded_width
-from dorakit.train import TrainConfig, train
+import dorakit.training.graphs as graphs_mod
+from dorakit.training.data import IGNORE_INDEX, Batches, CausalExample, collate_causal
+from dorakit.training.graphs import WIDTH_MULTIPLE, GraphCaptureError, GraphedMicroStep, pad_to_width, padded_width
+from dorakit.training.train import TrainConfig, train
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 PAD = 0

@@ -1,4 +1,4 @@
-"""dorakit.train: the learning-rate schedule, gradient accumulation, exact resume (after a kill and after
+"""dorakit.training.train: the learning-rate schedule, gradient accumulation, exact resume (after a kill and after
 Ctrl-C), atomic checkpoints, and the run.json identity check.
 
 Every run trains a tiny Llama (conftest) with adapters on random equal-length token sequences whose
@@ -22,10 +22,10 @@ from conftest import VOCAB, RaiseAtStep
 from torch import Tensor, nn
 
 import dorakit as dk
-import dorakit.train as train_mod
-from dorakit.checkpoint import read_checkpoint
-from dorakit.data import Batches
-from dorakit.train import TrainConfig, latest_checkpoint, lr_factor, train
+import dorakit.training.train as train_mod
+from dorakit.training.checkpoint import read_checkpoint
+from dorakit.training.data import Batches
+from dorakit.training.train import TrainConfig, latest_checkpoint, lr_factor, train
 
 SEQ = 6
 

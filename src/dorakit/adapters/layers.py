@@ -80,7 +80,7 @@ class AdapterLayer(nn.Module):
     """Dimension of the output that holds the out-features (the channel dimension for convolutions)."""
     supports_dropout: bool = True
     supports_fused: bool = False
-    """Whether DoRA on this layer type has the fused / Triton paths of ``dorakit.kernels``."""
+    """Whether DoRA on this layer type has the fused / Triton paths of ``dorakit.adapters.kernels``."""
 
     def __init__(self, base_layer: nn.Module, variant: Variant = "dora", rank: int = 8, alpha: float = 16.0, *,
                  use_rslora: bool = False, dropout: float = 0.0, init: str = "kaiming",
@@ -237,7 +237,7 @@ class AdapterLayer(nn.Module):
             return dora_norm(self.weight_2d(), self.lora_A_2d(), self.lora_B_2d(), self.scaling, weight_sq)
 
     def _prepare(self, weight: Tensor, impl: str) -> tuple[Tensor | None, ...]:
-        """dorakit.kernels.dora_prepare (DoRA) or lora_prepare (LoRA: no norm) for W0 = ``weight``.
+        """dorakit.adapters.kernels.dora_prepare (DoRA) or lora_prepare (LoRA: no norm) for W0 = ``weight``.
 
         The cached ||w||² is read (and refreshed) for the fused path only: the Triton kernel sums
         (w + s·BA)² itself, so it needs no second pass over a W0 that FSDP may re-gather every step."""
@@ -281,7 +281,7 @@ class AdapterLayer(nn.Module):
         if self.merged or self.disabled:
             return self.base_layer(x)
         impl = self._fast_impl(x)
-        if impl is not None:  # LoRA / DoRA through dorakit.kernels: one autograd Function, the norm a constant
+        if impl is not None:  # LoRA / DoRA through dorakit.adapters.kernels: one autograd Function, the norm a constant
             cast = _autocast_dtype(x)
             if cast is not None:
                 return self._fast_autocast(x, impl, cast)
@@ -352,7 +352,7 @@ class AdapterLayer(nn.Module):
         return None
 
     def _fast_impl(self, x: Tensor) -> str | None:
-        """The dorakit.kernels path for this call ("fused" / "triton"), or None for the eager reference.
+        """The dorakit.adapters.kernels path for this call ("fused" / "triton"), or None for the eager reference.
 
         "auto" takes triton for DoRA on CUDA (triton installed), else fused, else the eager path (never
         the Triton interpreter); LoRA's triton path only makes the adapter copies in one launch, which

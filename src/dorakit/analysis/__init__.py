@@ -11,7 +11,7 @@ Per output row n (the paper's column) of a weight, between W0 and a tuned Wt:
     recorder = analysis.DeltaRecorder(every=50)                    # callback(step, model) in training
     analysis.plot_deltas(recorder.records, "fig2.png")             # needs the [plot] extra
 
-A leaf of the package: it imports ``dorakit.layers`` and nothing in dorakit imports it (but the CLI).
+A leaf of the package: it imports ``dorakit.adapters.layers`` and nothing in dorakit imports it (but the CLI).
 The plotting module imports matplotlib only when ``plot_deltas`` is called.
 """
 

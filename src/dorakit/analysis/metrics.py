@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..layers import AdapterLayer, AdapterStateError
+from ..adapters.layers import AdapterLayer, AdapterStateError
 
 ANALYSIS_DTYPE = torch.float64
 CHUNK_ROWS = 1024

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..layers import AdapterLayer
+from ..adapters.layers import AdapterLayer
 from .metrics import adapter_magnitude_direction, is_hf_conv1d, magnitude_direction, module_weight_2d
 from .records import DeltaRecord, make_record, write_json
 

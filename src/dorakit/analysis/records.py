@@ -16,7 +16,7 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from ..layers import AdapterLayer, AdapterStateError
+from ..adapters.layers import AdapterLayer, AdapterStateError
 from .metrics import (
     RowStats,
     adapter_magnitude_direction,

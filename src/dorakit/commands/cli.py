@@ -14,8 +14,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .distributed import STRATEGIES
-from .train import PRECISIONS, SCHEDULES, TrainConfig
+from ..training.distributed import STRATEGIES
+from ..training.train import PRECISIONS, SCHEDULES, TrainConfig
 
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
 
@@ -252,7 +252,7 @@ def _targets(args: argparse.Namespace) -> str | list[str]:
 
 
 def _finetune_args(args: argparse.Namespace):
-    from .recipes import FinetuneArgs
+    from ..training.recipes import FinetuneArgs
 
     targets = _targets(args)
     return FinetuneArgs(model=args.model, data=args.data, output_dir=args.output_dir, method=args.method,
@@ -267,7 +267,7 @@ def _finetune_args(args: argparse.Namespace):
 
 
 def _run_finetune(args: argparse.Namespace) -> int:
-    from .recipes import finetune
+    from ..training.recipes import finetune
 
     outcome = finetune(_finetune_args(args))
     r = outcome.result
@@ -285,11 +285,11 @@ def _run_finetune(args: argparse.Namespace) -> int:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    from .data import load_records
-    from .distributed import single_device
-    from .evaluate import evaluate_task, format_table, task_from_path
-    from .loading import load_adapter
-    from .recipes import load_model, model_task
+    from ..training.data import load_records
+    from ..training.distributed import single_device
+    from ..training.evaluate import evaluate_task, format_table, task_from_path
+    from ..formats.dispatch import load_adapter
+    from ..training.recipes import load_model, model_task
 
     if model_task(args.model, "auto") != "causal":
         raise ValueError(f"{args.model}: dorakit eval scores causal language models; this one is not.")
@@ -314,14 +314,14 @@ def _run_eval(args: argparse.Namespace) -> int:
         tables.append(format_table(accs, label=method))
     print("\n\n".join(tables))
     if args.output:
-        from .io import atomic_write_bytes
+        from ..formats.io import atomic_write_bytes
 
         atomic_write_bytes(Path(args.output), json.dumps(results, indent=2).encode())
     return 0
 
 
 def _run_merge(args: argparse.Namespace) -> int:
-    from .recipes import merge
+    from ..training.recipes import merge
 
     print(f"merged model written to {merge(args.model, args.adapter, args.output, args.task)}")
     return 0
@@ -356,7 +356,7 @@ def _run_sweep(args: argparse.Namespace) -> int:
 
 
 def _run_params(args: argparse.Namespace) -> int:
-    from .config import AdapterConfig
+    from ..adapters.config import AdapterConfig
     from .sweep import count_for
 
     cfg = None if args.method == "full" else AdapterConfig(
@@ -381,10 +381,10 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    from .config import ConfigError
-    from .data import DataError
-    from .peft_format import AdapterFileError
-    from .recipes import RecipeError
+    from ..adapters.config import ConfigError
+    from ..training.data import DataError
+    from ..formats.peft_format import AdapterFileError
+    from ..training.recipes import RecipeError
 
     expected = (ConfigError, DataError, AdapterFileError, RecipeError, FileExistsError, FileNotFoundError,
                 ValueError)

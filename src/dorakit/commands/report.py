@@ -7,8 +7,8 @@ import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from .analysis import DeltaRecord, fit_line, plot_deltas, read_json, write_csv, write_json
-from .io import atomic_write_bytes
+from ..analysis import DeltaRecord, fit_line, plot_deltas, read_json, write_csv, write_json
+from ..formats.io import atomic_write_bytes
 
 
 def _deltas_file(run: str | Path) -> Path:

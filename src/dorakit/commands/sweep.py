@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from .config import AdapterConfig
-from .inject import apply_adapters
-from .io import atomic_write_bytes
-from .params import count_parameters
+from ..adapters.config import AdapterConfig
+from ..adapters.inject import apply_adapters
+from ..formats.io import atomic_write_bytes
+from ..adapters.params import count_parameters
 from .report import markdown_table
 
 # Shapes of the paper's base models (Touvron et al. 2023a/b; Llama 3 model card).
@@ -66,7 +66,7 @@ def sweep(finetune_args: object, methods: Sequence[str], ranks: Sequence[int], o
           alpha_per_rank: float = 2.0) -> list[dict[str, object]]:
     """Fine-tune once per (method, rank) with alpha = alpha_per_rank · rank; write sweep.md, sweep.csv,
     sweep.json and, with matplotlib, sweep.png (accuracy vs rank, one line per method)."""
-    from .recipes import FinetuneArgs, finetune
+    from ..training.recipes import FinetuneArgs, finetune
 
     if not isinstance(finetune_args, FinetuneArgs):
         raise TypeError("finetune_args must be a recipes.FinetuneArgs")

@@ -24,8 +24,8 @@ from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 from torch import Tensor, nn
 
-from .config import AdapterConfig
-from .inject import (
+from ..adapters.config import AdapterConfig
+from ..adapters.inject import (
     adapter_config,
     adapter_layers,
     pattern_matches,
@@ -101,7 +101,7 @@ def peft_state_dict(model: nn.Module) -> dict[str, Tensor]:
     cfg = adapter_config(model)
     if cfg.method in ("vera", "dvora"):
         raise AdapterFileError(f"method={cfg.method!r} adapters have no LoRA tensors; dk.save_adapter writes them "
-                               "(see dorakit.vera_io).")
+                               "(see dorakit.formats.vera_io).")
     layers = dict(adapter_layers(model))
     out: dict[str, Tensor] = {}
     for name, layer in layers.items():
@@ -140,9 +140,9 @@ def _modules_to_save(model: nn.Module, cfg: AdapterConfig) -> list[str]:
     return [n for n in names if not any(n.startswith(o + ".") for o in names)]
 
 
-def save_adapter(model: nn.Module, directory: str | os.PathLike, *, base_model_name_or_path: str | None = None,
-                 task_type: str | None = None) -> Path:
-    """Write ``model``'s adapters to ``directory`` in PEFT's format; returns the directory.
+def save_lora_adapter(model: nn.Module, directory: str | os.PathLike, *, base_model_name_or_path: str | None = None,
+                      task_type: str | None = None) -> Path:
+    """Write ``model``'s LoRA / DoRA adapters to ``directory`` in PEFT's format; returns the directory.
 
     ``base_model_name_or_path`` defaults to the model's ``config._name_or_path`` when it has one;
     ``task_type`` (e.g. "CAUSAL_LM") is written for PEFT's task-specific model classes. Existing
@@ -154,10 +154,6 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *, base_model_n
             with magnitude-only modules: PEFT's use_dora is one switch for the whole adapter).
     """
     cfg = adapter_config(model)
-    if cfg.method in ("vera", "dvora"):  # their own files; vera_io builds on this module, hence imported here
-        from .vera_io import save_vera_adapter
-        return save_vera_adapter(model, directory, base_model_name_or_path=base_model_name_or_path,
-                                 task_type=task_type)
     layers = dict(adapter_layers(model))
     if cfg.method == "lora" and any(layer.variant == "magnitude" for layer in layers.values()):
         raise AdapterFileError("method='lora' with magnitude_only modules cannot be written in PEFT's format "

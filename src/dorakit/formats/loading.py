@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .config import AdapterConfig
-from .inject import (
+from ..adapters.config import AdapterConfig
+from ..adapters.inject import (
     AdapterPlan,
     InjectionReport,
     adapter_config,
@@ -24,7 +24,7 @@ from .inject import (
     plan_adapters,
 )
 from .io import AdapterFiles, read_adapter
-from .layers import AdapterLayer
+from ..adapters.layers import AdapterLayer
 from .peft_format import (
     MAGNITUDE,
     AdapterFileError,
@@ -40,7 +40,7 @@ _KIND = {"lora_A.weight": "A", "lora_embedding_A": "A", "lora_B.weight": "B", "l
          MAGNITUDE: "m"}
 
 
-def load_adapter(model: nn.Module, directory: str | os.PathLike) -> InjectionReport | None:
+def load_lora_adapter(model: nn.Module, directory: str | os.PathLike) -> InjectionReport | None:
     """Load a PEFT LoRA / DoRA adapter (or one dorakit saved) onto ``model``.
 
     On a plain model the adapters are built from the file's config (as apply_adapters would, then
@@ -53,12 +53,6 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike) -> InjectionRep
             rank / alpha disagrees with the tensors or with the model's adapters. The model is then
             unchanged.
     """
-    from .vera_io import (  # vera_io builds on this module, hence imported here
-        is_vera_adapter,
-        load_vera_adapter,
-    )
-    if is_vera_adapter(model, directory):  # a VeRA / DVoRA file, or a model with VeRA / DVoRA adapters
-        return load_vera_adapter(model, directory)
     files = read_adapter(directory)
     where = str(Path(directory))
     groups, rest = _split_keys(files.tensors, where)

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
-from .config import AdapterConfig
-from .layers import AdapterLayer, Conv1DAdapter, ConvAdapter, EmbeddingAdapter
+from ..adapters.config import AdapterConfig
+from ..adapters.layers import AdapterLayer, Conv1DAdapter, ConvAdapter, EmbeddingAdapter
 
 PREFIX = "base_model.model."
 MAGNITUDE = "lora_magnitude_vector"

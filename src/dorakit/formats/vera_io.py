@@ -20,8 +20,8 @@ from pathlib import Path
 from safetensors.torch import save as save_safetensors_bytes
 from torch import Tensor, nn
 
-from .config import AdapterConfig
-from .inject import (
+from ..adapters.config import AdapterConfig
+from ..adapters.inject import (
     AdapterPlan,
     InjectionReport,
     adapter_config,
@@ -52,7 +52,7 @@ from .peft_format import (
     exact_name_list,
     strip_prefix,
 )
-from .vera import VeraAdapter, VeraConv1DAdapter, VeraProjections, projection_checksum
+from ..adapters.vera import VeraAdapter, VeraConv1DAdapter, VeraProjections, projection_checksum
 from .vera_format import (
     BOUND_FIELDS,
     DVORA_FORMAT,

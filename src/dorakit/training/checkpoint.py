@@ -30,7 +30,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from .distributed import ONE_PROCESS, Dist, barrier
-from .io import atomic_write_bytes
+from ..formats.io import atomic_write_bytes
 
 LATEST = "latest"
 """File in ``<out>/checkpoints`` naming the newest complete checkpoint."""

@@ -195,7 +195,7 @@ def wrap(model: nn.Module, d: Dist, device: torch.device, precision: str) -> nn.
 def _no_eval_norm_cache(model: nn.Module) -> None:
     """FSDP2 writes the optimizer's update into shards the adapters never see, so their eval-mode norm
     cache (keyed on version counters) cannot tell A or B changed: it is turned off."""
-    from .layers import AdapterLayer
+    from ..adapters.layers import AdapterLayer
 
     for module in model.modules():
         if isinstance(module, AdapterLayer):

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import AdapterConfig
+from ..adapters.config import AdapterConfig
 from .data import (
     IGNORE_INDEX,
     Batches,
@@ -30,10 +30,10 @@ from .data import (
     tokenize_records,
 )
 from .distributed import Dist, barrier, check_precision, full_trainable, setup, teardown, wrap
-from .inject import apply_adapters, merge_and_unload
-from .io import atomic_write_bytes, save_adapter
-from .loading import load_adapter
-from .params import count_parameters
+from ..adapters.inject import apply_adapters, merge_and_unload
+from ..formats.dispatch import load_adapter, save_adapter
+from ..formats.io import atomic_write_bytes
+from ..adapters.params import count_parameters
 from .train import TrainConfig, TrainResult, train
 
 METHODS = ("lora", "dora", "vera", "dvora", "full")
@@ -78,7 +78,7 @@ def load_model(model_dir: str | os.PathLike, task: str, num_labels: int | None =
     if load_in_4bit:
         from transformers import BitsAndBytesConfig
 
-        from .quant import require_bitsandbytes
+        from ..adapters.quant import require_bitsandbytes
 
         require_bitsandbytes()
         compute = torch.bfloat16 if device is not None and device.type == "cuda" else torch.float32
@@ -130,7 +130,7 @@ class FinetuneArgs:
     """Record the paper's ΔM / ΔD every this many steps into <output_dir>/deltas.json (0: off)."""
     device: str = "auto"
     strategy: str = "none"
-    """"none" (one process), or "ddp" / "fsdp" under torchrun or accelerate launch (dorakit.distributed)."""
+    """"none" (one process), or "ddp" / "fsdp" under torchrun or accelerate launch (dorakit.training.distributed)."""
     resume: bool = False
     compile: bool = False
     """torch.compile the model (in place: parameter names, checkpoints and saved adapters are unchanged)."""
@@ -338,7 +338,7 @@ def _delta_recorder(args: FinetuneArgs, model: nn.Module):
     """ΔM / ΔD every --record-deltas steps; full fine-tuning snapshots W0 now, before any update."""
     if args.record_deltas <= 0:
         return None
-    from .analysis import DeltaRecorder
+    from ..analysis import DeltaRecorder
 
     if args.method == "full":
         return DeltaRecorder(args.record_deltas, method="ft", reference=model)
@@ -355,7 +355,7 @@ def _resume_step(out: Path) -> int:
 
 def _save_deltas(recorder: Any, path: Path, first_new_step: int) -> None:
     """Write deltas.json: records kept from before a resume (steps up to its checkpoint) + this run's."""
-    from .analysis import read_json, records_json
+    from ..analysis import read_json, records_json
 
     old = [r for r in read_json(path) if r.step is not None and r.step <= first_new_step] if path.exists() else []
     atomic_write_bytes(path, records_json(old + recorder.records).encode())  # a crash mid-write keeps the old file
@@ -400,7 +400,7 @@ def classify_accuracy(model: nn.Module, tokenizer: Any, texts: Sequence[str], id
 
 def _head_labels(adapter_dir: str) -> int | None:
     """The label count of a classification head saved in an adapter (modules_to_save), if any."""
-    from .io import read_adapter
+    from ..formats.io import read_adapter
 
     for key, tensor in read_adapter(adapter_dir).tensors.items():
         if key.rpartition(".")[0].rsplit(".", 1)[-1] in HEAD_NAMES and key.endswith(".weight") and tensor.dim() == 2:

@@ -31,7 +31,7 @@ from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_chec
 from .data import Batches
 from .distributed import ONE_PROCESS, Dist, all_sum, autocast_needed, barrier, gradient_sync, unwrap
 from .graphs import GraphedMicroStep
-from .io import atomic_write_bytes
+from ..formats.io import atomic_write_bytes
 
 SCHEDULES = ("linear", "cosine", "constant")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -71,7 +71,7 @@ class TrainConfig:
     save_every: int = 0
     """Write a checkpoint every this many steps (0: only at the end and on Ctrl-C)."""
     cuda_graph: bool = False
-    """Replay each micro-batch's forward + backward from a CUDA graph (dorakit.graphs): one CUDA
+    """Replay each micro-batch's forward + backward from a CUDA graph (dorakit.training.graphs): one CUDA
     process, sequences right-padded to bucket widths (one graph each); the eager GPU step is host-bound."""
 
     def __post_init__(self) -> None:
@@ -231,10 +231,10 @@ def train(model: nn.Module, batches: Batches, make_batch: Callable[[list[int]], 
     ``rank``. A step's loss is the mean over all its items, each micro-batch's mean loss weighted
     by ``items(batch)`` (default: its number of examples), so the gradient is the same however the
     batch is split: one process equals N processes with the same global batch. ``model`` may be
-    wrapped by dorakit.distributed.wrap (DDP or FSDP2); ``dist`` is this process's place.
+    wrapped by dorakit.training.distributed.wrap (DDP or FSDP2); ``dist`` is this process's place.
 
     ``cfg.cuda_graph`` replays each micro-batch's forward and backward from a CUDA graph
-    (dorakit.graphs); ``pad_values`` then says how to right-pad the batch's sequence tensors
+    (dorakit.training.graphs); ``pad_values`` then says how to right-pad the batch's sequence tensors
     (e.g. ``{"input_ids": pad_id, "attention_mask": 0, "labels": -100}``).
 
     Writes (rank 0) ``<out>/run.json`` (``identity``: what a resume must match), ``<out>/metrics.jsonl``

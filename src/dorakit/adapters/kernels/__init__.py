@@ -1,7 +1,7 @@
 """Fused DoRA paths: a custom autograd Function in torch ops ("fused") and Triton kernels ("triton").
 
-A leaf package: it imports only ``dorakit.functional`` (the math it must agree with), never the
-layers. The eager reference lives in ``dorakit.layers``; ``AdapterLayer(backend=...)`` chooses.
+A leaf package: it imports only ``dorakit.adapters.functional`` (the math it must agree with), never the
+layers. The eager reference lives in ``dorakit.adapters.layers``; ``AdapterLayer(backend=...)`` chooses.
 Triton is optional: it ships with CUDA builds of torch; on a CPU the kernels run only under
 ``TRITON_INTERPRET=1`` (how the tests cover them).
 """

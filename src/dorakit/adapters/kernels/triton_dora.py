@@ -4,7 +4,7 @@ Shapes: W0 (N, K) = (out, in); A (R, K); B (N, R); x as (M, K) rows; y (M, N). A
 float32; loads of bf16/fp16 tensors are upcast in registers. Float32 operands use IEEE float32
 (epilogues) or three-pass tf32 (the norm) dots, never plain tf32, so a float32 layer keeps float32
 accuracy. Importing this module needs triton;
-``dorakit.kernels`` imports it lazily. On a CPU the kernels run under ``TRITON_INTERPRET=1``.
+``dorakit.adapters.kernels`` imports it lazily. On a CPU the kernels run under ``TRITON_INTERPRET=1``.
 """
 
 from __future__ import annotations

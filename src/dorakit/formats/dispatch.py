@@ -1,0 +1,43 @@
+"""save_adapter / load_adapter: the one place that picks the VeRA / DVoRA or the LoRA / DoRA files.
+
+Both formats build on the shared readers and writers (``io``, ``loading``); this module sits above
+them, so neither format module imports the other.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from torch import nn
+
+from ..adapters.inject import InjectionReport, adapter_config
+from .io import save_lora_adapter
+from .loading import load_lora_adapter
+from .vera_io import is_vera_adapter, load_vera_adapter, save_vera_adapter
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike, *, base_model_name_or_path: str | None = None,
+                 task_type: str | None = None) -> Path:
+    """Write ``model``'s adapters to ``directory`` in PEFT's format; returns the directory.
+
+    LoRA / DoRA adapters go through ``io.save_lora_adapter``, VeRA / DVoRA through
+    ``vera_io.save_vera_adapter``; see those for the files and the errors.
+    """
+    if adapter_config(model).method in ("vera", "dvora"):
+        return save_vera_adapter(model, directory, base_model_name_or_path=base_model_name_or_path,
+                                 task_type=task_type)
+    return save_lora_adapter(model, directory, base_model_name_or_path=base_model_name_or_path,
+                             task_type=task_type)
+
+
+def load_adapter(model: nn.Module, directory: str | os.PathLike) -> InjectionReport | None:
+    """Load a PEFT adapter (or one dorakit saved) onto ``model``, all-or-nothing.
+
+    A VeRA / DVoRA file, or a model that already holds VeRA / DVoRA adapters, goes through
+    ``vera_io.load_vera_adapter``; anything else through ``loading.load_lora_adapter``. Returns the
+    InjectionReport when the adapters were built from the file, None when existing ones were filled.
+    """
+    if is_vera_adapter(model, directory):
+        return load_vera_adapter(model, directory)
+    return load_lora_adapter(model, directory)
