@@ -5,7 +5,7 @@ and the torch ops of the "fused" backend), with the bandwidth it reaches reading
 CUDA-graph replays over copies of W0 that overflow the L2 cache). ``--sweep`` tries other launch
 settings on the 1B shapes ("programs": 1 is one slice of K, no split). The setting kept in
 ``dorakit.adapters.kernels.triton_dora.PREPARE_CONFIG`` came from the same sweep run on a scratch copy of
-the kernel over the 1B and 8B shapes, timed with ``do_bench`` (see the README).
+the kernel over the 1B and 8B shapes, timed with ``do_bench`` (see docs/speed.md).
 
     python benchmarks/bench_kernels.py                      # bf16, r = 16, CUDA
 """

@@ -6,7 +6,7 @@ kernel's peak-RSS mark (/proc/self/clear_refs) and run ``--steps`` forward + bac
 table reports the memory that stays (4-bit weight + adapter, or the dense weight) and the peak
 *above* that during a step, next to the size of one dense copy of W0.
 
-    python benchmarks/bench_quant_memory.py                  # the README table (Linux, CPU)
+    python benchmarks/bench_quant_memory.py                  # the table in docs/speed.md (Linux, CPU)
     python benchmarks/bench_quant_memory.py --out 4096 --in 4096 --tokens 64
 """
 
