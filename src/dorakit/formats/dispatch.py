@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from torch import nn
 
@@ -18,17 +19,20 @@ from .vera_io import is_vera_adapter, load_vera_adapter, save_vera_adapter
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, *, base_model_name_or_path: str | None = None,
-                 task_type: str | None = None) -> Path:
+                 task_type: str | None = None, save_embedding_layers: bool | Literal["auto"] = "auto") -> Path:
     """Write ``model``'s adapters to ``directory`` in PEFT's format; returns the directory.
 
     LoRA / DoRA adapters go through ``io.save_lora_adapter``, VeRA / DVoRA through
-    ``vera_io.save_vera_adapter``; see those for the files and the errors.
+    ``vera_io.save_vera_adapter``; see those for the files, ``save_embedding_layers`` and the errors.
     """
     if adapter_config(model).method in ("vera", "dvora"):
+        if save_embedding_layers is True:
+            raise ValueError("save_embedding_layers=True is not supported for VeRA / DVoRA adapters; "
+                             "leave it at 'auto' or False.")
         return save_vera_adapter(model, directory, base_model_name_or_path=base_model_name_or_path,
                                  task_type=task_type)
     return save_lora_adapter(model, directory, base_model_name_or_path=base_model_name_or_path,
-                             task_type=task_type)
+                             task_type=task_type, save_embedding_layers=save_embedding_layers)
 
 
 def load_adapter(model: nn.Module, directory: str | os.PathLike) -> InjectionReport | None:

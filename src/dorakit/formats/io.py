@@ -17,6 +17,7 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from safetensors import SafetensorError
@@ -25,6 +26,7 @@ from safetensors.torch import save as save_safetensors_bytes
 from torch import Tensor, nn
 
 from ..adapters.config import AdapterConfig
+from ..adapters.layers import AdapterLayer
 from ..adapters.inject import (
     adapter_config,
     adapter_layers,
@@ -35,6 +37,7 @@ from .peft_format import (
     AdapterFileError,
     PeftFields,
     adapter_keys,
+    is_embedding_name,
     peft_config_dict,
     peft_magnitude_shape,
     read_peft_fields,
@@ -96,8 +99,12 @@ def _write_temp(path: Path, data: bytes) -> Path:
 
 # ---- save ----------------------------------------------------------------------------------------
 
-def peft_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """The tensors of ``model``'s adapters under PEFT's key names (prefix ``base_model.model.``)."""
+def peft_state_dict(model: nn.Module, *, save_embedding_layers: bool | Literal["auto"] = "auto",
+                    base_model_name_or_path: str | None = None) -> dict[str, Tensor]:
+    """The tensors of ``model``'s adapters under PEFT's key names (prefix ``base_model.model.``).
+
+    ``save_embedding_layers`` as in PEFT's get_peft_model_state_dict: see save_adapter.
+    """
     cfg = adapter_config(model)
     if cfg.method in ("vera", "dvora"):
         raise AdapterFileError(f"method={cfg.method!r} adapters have no LoRA tensors; dk.save_adapter writes them "
@@ -114,7 +121,66 @@ def peft_state_dict(model: nn.Module) -> dict[str, Tensor]:
         if layer.variant != "lora":
             out[m_key] = layer.magnitude.reshape(peft_magnitude_shape(layer))
     out.update(extra_state_dict(model, cfg, layers))
+    if wants_embedding_layers(model, layers, save_embedding_layers, base_model_name_or_path):
+        out.update(embedding_state_dict(model, layers, explicit=save_embedding_layers is True))
     return {PREFIX + k: v.detach().to("cpu", copy=True).contiguous() for k, v in out.items()}
+
+
+def embedding_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """The model's input and output embeddings by name, as PEFT finds them (transformers'
+    get_input_embeddings / get_output_embeddings); {} for a model without those methods."""
+    found: dict[str, nn.Module] = {}
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        try:
+            layer = getattr(model, getter)()
+        except (AttributeError, NotImplementedError, TypeError):
+            continue
+        name = next((n for n, m in model.named_modules() if n and m is layer), None) if layer is not None else None
+        if name is not None:
+            found[name] = layer
+    return found
+
+
+def wants_embedding_layers(model: nn.Module, layers: Mapping[str, nn.Module], mode: bool | str,
+                           base_model_name_or_path: str | None) -> bool:
+    """PEFT's save_embedding_layers rule: True / False as given; "auto" saves them when an adapted
+    module is named ``embed_tokens`` / ``lm_head`` (a dotted suffix), or when the model's
+    config.vocab_size differs from that in ``<base_model_name_or_path>/config.json`` (a local
+    directory; PEFT also asks the Hub, dorakit never does)."""
+    if mode not in (True, False, "auto"):
+        raise ValueError(f"save_embedding_layers must be True, False or 'auto', got {mode!r}.")
+    if mode != "auto":
+        return bool(mode)
+    if any(is_embedding_name(n) for n in layers):
+        return True
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    config = Path(base_model_name_or_path) / "config.json" if base_model_name_or_path else None
+    if not vocab or config is None or not config.is_file():
+        return False
+    try:
+        base_vocab = json.loads(config.read_text()).get("vocab_size")
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return False
+    return base_vocab is not None and base_vocab != vocab
+
+
+def embedding_state_dict(model: nn.Module, layers: Mapping[str, nn.Module], *, explicit: bool) -> dict[str, Tensor]:
+    """The base weights of the model's input / output embeddings under PEFT's keys (no prefix):
+    ``<e>.base_layer.<t>`` for an adapted one, ``<e>.<t>`` for a plain one (written only when no
+    embed_tokens / lm_head module is adapted: PEFT's "the vocabulary was resized" case)."""
+    found = embedding_modules(model)
+    if not found and explicit:
+        raise AdapterFileError("save_embedding_layers=True needs a model with get_input_embeddings() (a "
+                               "transformers model); this one has none. Save without it.")
+    targeted = any(is_embedding_name(n) for n in layers)
+    out: dict[str, Tensor] = {}
+    for name, module in found.items():
+        if isinstance(module, AdapterLayer):
+            if isinstance(module.base_layer, (nn.Linear, nn.Embedding)):
+                out.update({f"{name}.base_layer.{k}": v for k, v in module.base_layer.state_dict().items()})
+        elif not targeted:
+            out.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
+    return out
 
 
 def extra_state_dict(model: nn.Module, cfg: AdapterConfig, layers: Mapping[str, nn.Module]) -> dict[str, Tensor]:
@@ -141,12 +207,17 @@ def _modules_to_save(model: nn.Module, cfg: AdapterConfig) -> list[str]:
 
 
 def save_lora_adapter(model: nn.Module, directory: str | os.PathLike, *, base_model_name_or_path: str | None = None,
-                      task_type: str | None = None) -> Path:
+                      task_type: str | None = None, save_embedding_layers: bool | Literal["auto"] = "auto") -> Path:
     """Write ``model``'s LoRA / DoRA adapters to ``directory`` in PEFT's format; returns the directory.
 
     ``base_model_name_or_path`` defaults to the model's ``config._name_or_path`` when it has one;
     ``task_type`` (e.g. "CAUSAL_LM") is written for PEFT's task-specific model classes. Existing
     adapter files in ``directory`` are replaced atomically; other files are left alone.
+
+    ``save_embedding_layers`` is PEFT's option of that name: with True the full base weights of the
+    model's input and output embeddings are written too (``…embed_tokens.base_layer.weight``); with
+    "auto" (PEFT's default) that happens when an ``embed_tokens`` / ``lm_head`` module is adapted, or
+    when the vocabulary differs from ``base_model_name_or_path``'s local config.json (a resize).
 
     Raises:
         RuntimeError: the model has no dorakit adapters.
@@ -176,7 +247,9 @@ def save_lora_adapter(model: nn.Module, directory: str | os.PathLike, *, base_mo
     # leaves the old adapter intact. The weights are renamed first: if the process dies between the two
     # renames, their metadata (dorakit_peft_fields) no longer matches the old config and loading says so.
     atomic_write_files({
-        path / WEIGHTS_NAME: save_safetensors_bytes(peft_state_dict(model), metadata),
+        path / WEIGHTS_NAME: save_safetensors_bytes(peft_state_dict(
+            model, save_embedding_layers=save_embedding_layers, base_model_name_or_path=base_model_name_or_path),
+            metadata),
         path / CONFIG_NAME: (json.dumps(config, indent=2, sort_keys=True) + "\n").encode(),
     })
     return path

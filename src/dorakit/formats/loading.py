@@ -23,7 +23,7 @@ from ..adapters.inject import (
     install_adapters,
     plan_adapters,
 )
-from .io import AdapterFiles, read_adapter
+from .io import AdapterFiles, embedding_modules, read_adapter
 from ..adapters.layers import AdapterLayer
 from .peft_format import (
     MAGNITUDE,
@@ -68,9 +68,9 @@ def load_lora_adapter(model: nn.Module, directory: str | os.PathLike) -> Injecti
         except (ValueError, TypeError, RuntimeError) as e:
             raise AdapterFileError(f"{where}: cannot build this adapter on the model: {e}") from None
         layers = plan.wrappers
-    copies = [pair for name, layer in layers.items() for pair in _adapter_copies(name, layer, groups[name], where)]
     adapted = set(layers)
     extra = extra_targets(model, files.fields.bias, files.fields.modules_to_save, rest, adapted, where)
+    copies = [pair for name, layer in layers.items() for pair in _adapter_copies(name, layer, groups[name], where)]
     report = install_adapters(model, plan) if plan is not None else None  # nothing below can fail
     write_tensors(copies, rest, extra)
     return report
@@ -274,7 +274,9 @@ def extra_targets(model: nn.Module, bias: str, modules_to_save: Sequence[str], r
     """Model tensors for the file's bias and modules_to_save entries (shape-checked); others raise."""
     all_names = [n for n, _ in model.named_modules() if n]
     to_save = _peft_modules_to_save(all_names, modules_to_save, where) if modules_to_save else []
+    embeddings = set(embedding_modules(model))  # PEFT writes only the model's get_input/output_embeddings
     targets: dict[str, Tensor] = {}
+    plain: dict[str, str] = {}  # embedding module -> a key of its plain weights (the resized-vocabulary case)
     for key, value in rest.items():
         if ".original_module." in key:  # PEFT also stores the untouched original of a modules_to_save module
             continue
@@ -283,9 +285,13 @@ def extra_targets(model: nn.Module, bias: str, modules_to_save: Sequence[str], r
         saved = any(path == s or path.startswith(s + ".") for s in to_save)
         is_bias = attr == "bias" and (bias == "all" or (bias == "lora_only" and owner in adapted
                                                                 and path.endswith(".base_layer")))
-        if not (saved or is_bias):
+        plain_form = path in embeddings and path not in adapted  # <e>.weight: an embedding without adapter
+        is_embedding = not (saved or is_bias) and (plain_form or (
+            path == owner + ".base_layer" and owner in adapted and owner in embeddings))  # <e>.base_layer.weight
+        if not (saved or is_bias or is_embedding):
             raise AdapterFileError(f"{where}: unexpected tensor {key!r}: not an adapter tensor, not a bias under "
-                                   f"bias={bias!r}, not in modules_to_save {list(modules_to_save)}.")
+                                   f"bias={bias!r}, not in modules_to_save {list(modules_to_save)}, not a weight "
+                                   f"of the model's embeddings {sorted(embeddings)}.")
         module = _get_module(model, owner if owner in adapted else path)
         if isinstance(module, AdapterLayer):
             module = module.base_layer
@@ -295,15 +301,52 @@ def extra_targets(model: nn.Module, bias: str, modules_to_save: Sequence[str], r
             raise AdapterFileError(f"{where}: tensor {key!r} has no counterpart in this model; the adapter was made "
                                    "for a different base model.")
         if dst.shape != value.shape:
+            hint = _resize_hint(value, dst) if is_embedding else "the adapter was made for a different base model."
             raise AdapterFileError(f"{where}: tensor {key!r} is {tuple(value.shape)} in the file but "
-                                   f"{tuple(dst.shape)} in this model; the adapter was made for a different base model.")
+                                   f"{tuple(dst.shape)} in this model; {hint}")
         targets[key] = dst
+        if is_embedding and plain_form:
+            plain.setdefault(path, key)
+    _check_embedding_set(plain, embeddings - adapted, where)
+    _check_tied_copies(targets, rest, where)
     for name in to_save:
         for sub in _get_module(model, name).state_dict():
             if f"{name}.{sub}" not in targets and f"{name}.modules_to_save.{sub}" not in targets:
                 raise AdapterFileError(f"{where}: modules_to_save module {name!r} lacks {sub!r} in the file; "
                                        "the file is incomplete.")
     return targets
+
+
+def _resize_hint(value: Tensor, dst: Tensor) -> str:
+    """What to do about an embedding weight of another shape (PEFT's load_state_dict refuses it too)."""
+    if value.dim() == dst.dim() and value.shape[1:] == dst.shape[1:]:  # only the vocabulary axis differs
+        return (f"the adapter was trained with a vocabulary of {value.shape[0]} tokens; resize the model's "
+                f"embeddings first (transformers: model.resize_token_embeddings({value.shape[0]})) and load again.")
+    return "the adapter was made for a different base model."
+
+
+def _check_embedding_set(found: Mapping[str, str], plain: set[str], where: str) -> None:
+    """PEFT writes a plain embedding's weights (``<e>.weight``, its vocabulary-resize case) for every
+    embedding of the model that has no adapter, all together; a file holding only some of them was
+    not written by PEFT's save_embedding_layers, and its tensor is refused as unexpected.
+
+    ``found``: embedding module -> one of its keys in the file; ``plain``: the model's unadapted embeddings."""
+    if found and set(found) != plain:
+        key = next(iter(found.values()))
+        raise AdapterFileError(f"{where}: unexpected tensor {key!r}: PEFT's save_embedding_layers writes the weights "
+                               f"of all of the model's embeddings {sorted(plain)} together, but the file lacks "
+                               f"{sorted(plain - set(found))}; the adapter was made for a different base model.")
+
+
+def _check_tied_copies(targets: Mapping[str, Tensor], rest: Mapping[str, Tensor], where: str) -> None:
+    """Two file tensors bound for one tied model tensor (e.g. embed_tokens.weight and lm_head.weight of a
+    model with tied embeddings) must be equal; otherwise which one wins would depend on the key order."""
+    first: dict[int, str] = {}
+    for key, dst in targets.items():
+        other = first.setdefault(id(dst), key)
+        if other != key and not torch.equal(rest[other], rest[key]):
+            raise AdapterFileError(f"{where}: tensors {other!r} and {key!r} differ, but this model ties them (one "
+                                   "shared weight); the adapter was made for a model with untied embeddings.")
 
 
 def _get_module(model: nn.Module, name: str) -> nn.Module | None:

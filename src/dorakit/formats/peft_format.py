@@ -7,7 +7,11 @@ The oracle is peft's own ``save_pretrained`` (peft 0.21). A file holds, per adap
   ``nn.Embedding`` they are ``<m>.lora_embedding_A`` (r, vocab) and ``<m>.lora_embedding_B`` (dim, r);
 * ``<m>.lora_magnitude_vector`` for DoRA: (out,), or (1, out, 1, ...) for convolutions;
 * with ``bias="lora_only"`` / ``"all"``: ``<m>.base_layer.bias`` (and every other ``<x>.bias``);
-* for ``modules_to_save`` ``<s>``: the module's whole state dict as ``<s>.<tensor>``.
+* for ``modules_to_save`` ``<s>``: the module's whole state dict as ``<s>.<tensor>``;
+* with ``save_embedding_layers`` (PEFT's default "auto": on when ``embed_tokens`` / ``lm_head`` is
+  targeted, or the vocabulary was resized): the base weights of the model's input / output embeddings,
+  ``<e>.base_layer.<tensor>`` for an adapted one and ``<e>.<tensor>`` for a plain one. Loading
+  copies them over the base's weights (they must have the model's shapes).
 
 Nothing here touches a model; ``io.py`` does the reading, checking and writing.
 """
@@ -25,6 +29,7 @@ from ..adapters.layers import AdapterLayer, Conv1DAdapter, ConvAdapter, Embeddin
 
 PREFIX = "base_model.model."
 MAGNITUDE = "lora_magnitude_vector"
+EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")  # peft.utils.constants.EMBEDDING_LAYER_NAMES
 
 # Fields of PEFT's LoraConfig that change what a file means and that dorakit does not implement:
 # loading refuses a file that sets one (to anything but its neutral value) rather than ignoring it.
@@ -46,6 +51,12 @@ def adapter_keys(name: str, layer: AdapterLayer) -> tuple[str, str, str]:
     if isinstance(layer, EmbeddingAdapter):
         return f"{name}.lora_embedding_A", f"{name}.lora_embedding_B", f"{name}.{MAGNITUDE}"
     return f"{name}.lora_A.weight", f"{name}.lora_B.weight", f"{name}.{MAGNITUDE}"
+
+
+def is_embedding_name(name: str) -> bool:
+    """PEFT's test for an embedding layer by name: ``re.match(rf"(.*\\.)?{e}$", name)`` for e in
+    EMBEDDING_LAYER_NAMES."""
+    return any(re.match(rf"(.*\.)?{e}$", name) for e in EMBEDDING_LAYER_NAMES)
 
 
 def peft_magnitude_shape(layer: AdapterLayer) -> tuple[int, ...]:
