@@ -15,6 +15,7 @@ temporary directory and renamed into place; ``latest`` then names it.
 from __future__ import annotations
 
 import fcntl
+import io
 import json
 import os
 import random
@@ -101,7 +102,9 @@ def save_checkpoint(out_dir: Path, step: int, model: nn.Module, optimizer: torch
     try:
         with _one_process_is_fine(), _plain_errors():
             dcp.save(_state_dicts(model, optimizer), checkpoint_id=tmp)
-        torch.save(dict(rng), tmp / f"rng-{d.rank}.pt")
+        buffer = io.BytesIO()  # written by Python, so a full disk is an OSError (ENOSPC), not torch's RuntimeError
+        torch.save(dict(rng), buffer)
+        (tmp / f"rng-{d.rank}.pt").write_bytes(buffer.getvalue())
         if d.main:
             state = {"step": step, "world_size": d.world_size, "batches": dict(batches), **extra}
             (tmp / "state.json").write_text(json.dumps(state, indent=2))
