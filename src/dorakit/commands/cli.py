@@ -7,17 +7,71 @@ or ``max_steps``); flags on the command line override the file. An unknown key i
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import math
 import sys
 import tomllib
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from ..training.distributed import STRATEGIES
 from ..training.train import PRECISIONS, SCHEDULES, TrainConfig
 
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
+
+
+# ---- flag types: each checks its value when the command line is parsed (argparse then exits 2) ------
+
+def _integer(low: int, example: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``low``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}; e.g. {example}")
+        return value
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
+def _number(low: float, example: str, above: bool = False, below: float | None = None) -> Callable[[str], float]:
+    """An argparse type: a finite float >= ``low`` (> with ``above``; < ``below`` if given)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        ok = math.isfinite(value) and (value > low if above else value >= low) and (below is None or value < below)
+        if not ok:
+            bounds = f"{'>' if above else '>='} {low:g}" + (f" and < {below:g}" if below is not None else "")
+            raise argparse.ArgumentTypeError(f"must be a finite number {bounds}, got {text!r}; e.g. {example}")
+        return value
+    parse.__name__ = "number"
+    return parse
+
+
+def _device(text: str) -> str:
+    """An argparse type: "auto" or a torch device this machine has."""
+    from ..training.distributed import DistributedError, check_device
+
+    try:
+        return check_device(text)
+    except DistributedError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("--device ")) from None
+
+
+POSITIVE, NONNEG = _integer(1, 4), _integer(0, 0)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line on stderr (no usage block; --help has it) and exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message.rstrip('.')} (see {self.prog} --help)\n")
 
 
 def _finetune_parser(sub: argparse._SubParsersAction) -> None:
@@ -35,8 +89,8 @@ def _sweep_parser(sub: argparse._SubParsersAction) -> None:
                        "paper's DoRA† is DoRA at half LoRA's rank. Takes every finetune flag.")
     _finetune_flags(p)
     p.add_argument("--methods", nargs="+", default=["lora", "dora"], choices=["lora", "dora", "vera", "dvora"])
-    p.add_argument("--ranks", nargs="+", type=int, default=[4, 8, 16, 32, 64])
-    p.add_argument("--alpha-per-rank", type=float, default=2.0)
+    p.add_argument("--ranks", nargs="+", type=_integer(1, 8), default=[4, 8, 16, 32, 64])
+    p.add_argument("--alpha-per-rank", type=_number(0, "2", above=True), default=2.0)
     p.set_defaults(run=_run_sweep)
 
 
@@ -51,8 +105,8 @@ def _params_parser(sub: argparse._SubParsersAction) -> None:
 def _adapter_flags(p: argparse.ArgumentParser) -> None:
     """What to adapt and how: shared by finetune, sweep and params."""
     p.add_argument("--method", default="dora", choices=["lora", "dora", "vera", "dvora", "full"])
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--alpha", type=float, default=16.0)
+    p.add_argument("--rank", type=_integer(1, 8), default=8)
+    p.add_argument("--alpha", type=_number(0, "16", above=True), default=16.0)
     p.add_argument("--targets", nargs="+", default=["all-linear"], help="module names / globs / re:regex, or all-linear")
     p.add_argument("--magnitude-only", nargs="*", default=[], help="modules that train only a magnitude (DoRA §5)")
 
@@ -63,21 +117,21 @@ def _finetune_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output-dir", required=True, help="run directory (metrics, checkpoints, final adapter)")
     _adapter_flags(p)
     p.add_argument("--task", default="auto", choices=["auto", "causal", "classify"])
-    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--dropout", type=_number(0, "0.05", below=1), default=0.0)
     p.add_argument("--use-rslora", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--norm-grad", default="detach", choices=["detach", "exact"])
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--epochs", type=float, default=0.0, help="if > 0, sets max-steps from the data size")
-    p.add_argument("--max-len", type=int, default=256, help="token cut-off per example")
+    p.add_argument("--batch-size", type=_integer(1, 4), default=4)
+    p.add_argument("--epochs", type=_number(0, "3"), default=0.0, help="if > 0, sets max-steps from the data size")
+    p.add_argument("--max-len", type=_integer(1, 256), default=256, help="token cut-off per example")
     p.add_argument("--train-on-inputs", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--eval-data", default=None, help="evaluated every --eval-every steps and at the end")
-    p.add_argument("--eval-limit", type=int, default=200)
+    p.add_argument("--eval-limit", type=_integer(1, 200), default=200)
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--load-in-4bit", action=argparse.BooleanOptionalAction, default=False,
                    help="quantize the base to NF4 (bitsandbytes): QLoRA / QDoRA")
-    p.add_argument("--record-deltas", type=int, default=0,
+    p.add_argument("--record-deltas", type=_integer(0, 10), default=0,
                    help="record the paper's ΔM / ΔD every N steps into <output-dir>/deltas.json (0: off)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", type=_device, default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--strategy", choices=STRATEGIES, default="none",
                    help="none: one process; ddp / fsdp (FSDP2, sharded per decoder layer): several processes started "
                    "by torchrun --nproc-per-node N -m dorakit finetune ... or accelerate launch --multi_gpu")
@@ -86,18 +140,21 @@ def _finetune_flags(p: argparse.ArgumentParser) -> None:
                    help="torch.compile the model (fewer launches: the eager GPU step is host-bound); compiling takes "
                    "a minute or more at the start and again for new sequence lengths")
     d = TrainConfig()
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    p.add_argument("--lr", type=_number(0, "2e-4", above=True), default=d.lr)
+    p.add_argument("--weight-decay", type=_number(0, "0.01"), default=d.weight_decay)
+    p.add_argument("--warmup-steps", type=_integer(0, 100), default=d.warmup_steps)
     p.add_argument("--schedule", default=d.schedule, choices=SCHEDULES)
-    p.add_argument("--max-steps", type=int, default=d.max_steps)
-    p.add_argument("--grad-accum", type=int, default=d.grad_accum)
-    p.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm)
+    p.add_argument("--max-steps", type=_integer(1, 100), default=d.max_steps)
+    p.add_argument("--grad-accum", type=_integer(1, 4), default=d.grad_accum)
+    p.add_argument("--max-grad-norm", type=_number(0, "1.0"), default=d.max_grad_norm,
+                   help="clip the gradient norm to this (0: no clipping)")
     p.add_argument("--precision", default=d.precision, choices=PRECISIONS)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--log-every", type=int, default=d.log_every)
-    p.add_argument("--eval-every", type=int, default=d.eval_every)
-    p.add_argument("--save-every", type=int, default=d.save_every)
+    p.add_argument("--seed", type=_integer(0, 0), default=d.seed)
+    p.add_argument("--log-every", type=_integer(1, 10), default=d.log_every)
+    p.add_argument("--eval-every", type=_integer(0, 200), default=d.eval_every)
+    p.add_argument("--save-every", type=_integer(0, 200), default=d.save_every)
+    p.add_argument("--keep-checkpoints", type=_integer(1, 2), default=d.keep_checkpoints,
+                   help="keep the newest N checkpoints, delete older ones (the one `latest` names is always kept)")
     p.add_argument("--cuda-graph", action=argparse.BooleanOptionalAction, default=d.cuda_graph,
                    help="replay each micro-batch's forward + backward from a CUDA graph (one GPU; sequences padded "
                    "to a bucket width, one graph per width): the eager GPU step is host-bound")
@@ -112,12 +169,12 @@ def _eval_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--data", nargs="+", required=True, help="test files; the task is read from the parent "
                    "directory name (boolq, piqa, social_i_qa, hellaswag, winogrande, ARC-Easy, ARC-Challenge, openbookqa)")
     p.add_argument("--method", default="loglik", choices=["loglik", "generate", "both"])
-    p.add_argument("--limit", type=int, default=0, help="first N records per task (0: all)")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--num-beams", type=int, default=1, help="beam search for --method generate (the DoRA "
+    p.add_argument("--limit", type=_integer(0, 100), default=0, help="first N records per task (0: all)")
+    p.add_argument("--batch-size", type=_integer(1, 8), default=8)
+    p.add_argument("--max-new-tokens", type=_integer(1, 32), default=32)
+    p.add_argument("--num-beams", type=_integer(1, 4), default=1, help="beam search for --method generate (the DoRA "
                    "repository's commonsense_evaluate.py uses 4; 1 is greedy)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", type=_device, default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--output", default=None, help="also write the results as JSON here")
     p.set_defaults(run=_run_eval)
 
@@ -136,10 +193,10 @@ def _demo_parser(sub: argparse._SubParsersAction) -> None:
                        "offline on a CPU")
     p.add_argument("--output-dir", default="dorakit-demo", help="where runs, metrics and the report go")
     p.add_argument("--methods", nargs="+", default=["full", "lora", "dora"], choices=["full", "lora", "dora"])
-    p.add_argument("--max-steps", type=int, default=0, help="override the demo's step count (0: its default)")
-    p.add_argument("--train-size", type=int, default=0, help="override the number of training examples")
-    p.add_argument("--test-size", type=int, default=0, help="override the number of test examples")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-steps", type=_integer(0, 100), default=0, help="override the demo's step count (0: its default)")
+    p.add_argument("--train-size", type=_integer(0, 200), default=0, help="override the number of training examples")
+    p.add_argument("--test-size", type=_integer(0, 200), default=0, help="override the number of test examples")
+    p.add_argument("--seed", type=_integer(0, 0), default=0)
     p.set_defaults(run=_run_demo)
 
 
@@ -156,7 +213,7 @@ def _analyze_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dorakit", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="dorakit", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for add in (_finetune_parser, _eval_parser, _merge_parser, _analyze_parser, _demo_parser, _sweep_parser,
                 _params_parser):
@@ -244,7 +301,7 @@ def _train_config(args: argparse.Namespace) -> TrainConfig:
                        schedule=args.schedule, max_steps=args.max_steps, grad_accum=args.grad_accum,
                        max_grad_norm=args.max_grad_norm, precision=args.precision, seed=args.seed,
                        log_every=args.log_every, eval_every=args.eval_every, save_every=args.save_every,
-                       cuda_graph=args.cuda_graph)
+                       cuda_graph=args.cuda_graph, keep_checkpoints=args.keep_checkpoints)
 
 
 def _targets(args: argparse.Namespace) -> str | list[str]:
@@ -293,6 +350,7 @@ def _run_eval(args: argparse.Namespace) -> int:
 
     if model_task(args.model, "auto") != "causal":
         raise ValueError(f"{args.model}: dorakit eval scores causal language models; this one is not.")
+    data = {path: (task_from_path(path), load_records(path, purpose="eval")) for path in args.data}  # checked first
     model, tokenizer = load_model(args.model, "causal")
     if args.adapter:
         load_adapter(model, args.adapter)
@@ -301,14 +359,12 @@ def _run_eval(args: argparse.Namespace) -> int:
     tables, results = [], {}
     for method in methods:
         accs = {}
-        for path in args.data:
-            records = load_records(path, purpose="eval")
+        for task, records in data.values():
             records = records[: args.limit] if args.limit else records
             kw = {"batch_size": args.batch_size}
             if method == "generate":
                 kw["max_new_tokens"] = args.max_new_tokens
                 kw["num_beams"] = args.num_beams
-            task = task_from_path(path)
             accs[task] = evaluate_task(model, tokenizer, records, task, method=method, **kw).accuracy
         results[method] = accs
         tables.append(format_table(accs, label=method))
@@ -379,21 +435,40 @@ def _run_demo(args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
 
 
+DISK_FULL = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded"}
+
+
+def _disk_full(e: OSError, args: argparse.Namespace | None) -> str:
+    """One line for a write that ran out of disk space, naming where it wrote."""
+    where = e.filename or next((getattr(args, k) for k in ("output_dir", "output") if getattr(args, k, None)), None)
+    resume = " (finetune: with --resume; its last complete checkpoint is intact)" if getattr(args, "command", "") in (
+        "finetune", "sweep") else ""
+    return (f"{DISK_FULL[e.errno]} while writing {where or 'a file'}: free some space (or choose another output "
+            f"directory) and run the command again{resume}.")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     from ..adapters.config import ConfigError
-    from ..training.data import DataError
     from ..formats.peft_format import AdapterFileError
+    from ..training.checkpoint import RunDirBusyError
+    from ..training.data import DataError
     from ..training.recipes import RecipeError
 
     expected = (ConfigError, DataError, AdapterFileError, RecipeError, FileExistsError, FileNotFoundError,
-                ValueError)
+                ValueError, RunDirBusyError)
+    args: argparse.Namespace | None = None
     try:
         args = parse_args(argv)
         run: Callable[[argparse.Namespace], int] = args.run
         return run(args)
     except expected as e:
         print(f"dorakit: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as e:
+        if e.errno not in DISK_FULL:
+            raise
+        print(f"dorakit: error: {_disk_full(e, args)}", file=sys.stderr)
         return EXIT_USAGE
 
 

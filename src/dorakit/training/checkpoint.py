@@ -14,13 +14,16 @@ temporary directory and renamed into place; ``latest`` then names it.
 
 from __future__ import annotations
 
+import fcntl
+import io
 import json
 import os
 import random
+import re
 import shutil
 import warnings
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import torch
@@ -99,7 +102,9 @@ def save_checkpoint(out_dir: Path, step: int, model: nn.Module, optimizer: torch
     try:
         with _one_process_is_fine(), _plain_errors():
             dcp.save(_state_dicts(model, optimizer), checkpoint_id=tmp)
-        torch.save(dict(rng), tmp / f"rng-{d.rank}.pt")
+        buffer = io.BytesIO()  # written by Python, so a full disk is an OSError (ENOSPC), not torch's RuntimeError
+        torch.save(dict(rng), buffer)
+        (tmp / f"rng-{d.rank}.pt").write_bytes(buffer.getvalue())
         if d.main:
             state = {"step": step, "world_size": d.world_size, "batches": dict(batches), **extra}
             (tmp / "state.json").write_text(json.dumps(state, indent=2))
@@ -175,3 +180,136 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Tensor]:
     with _one_process_is_fine():
         dcp.load(tensors, checkpoint_id=path)
     return tensors
+
+
+# ---- the run directory: one writer, bounded checkpoints, no stale temporaries ----------------------
+
+LOCK_NAME = ".dorakit.lock"
+"""File in a run directory that the writing process holds an exclusive flock on (and names its PID in)."""
+_STEP_DIR = re.compile(r"step-(\d{7})")
+_PARTIAL_DIR = re.compile(r"\.step-\d{7}\.partial")
+_TEMP_FILE = re.compile(r"\..+\.[A-Za-z0-9_]{8}\.tmp")  # io._write_temp: mkstemp(prefix=".<name>.", suffix=".tmp")
+_HELD: dict[str, tuple[int, int]] = {}  # real path of a run directory -> (lock fd, nesting depth), this process
+
+
+class RunDirBusyError(RuntimeError):
+    """Another process is writing to the run directory (it holds the directory's lock)."""
+
+
+def _holder(lock: Path) -> str:
+    try:
+        pid = lock.read_text().strip()
+    except OSError:
+        pid = ""
+    return f"PID {pid}" if pid.isdigit() else "a process that has not written its PID yet"
+
+
+def _lock(out_dir: Path) -> int:
+    """An open fd of ``<out>/.dorakit.lock`` holding an exclusive flock, with this PID written in it."""
+    lock = out_dir / LOCK_NAME
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RunDirBusyError(f"{out_dir} is in use by another dorakit process ({_holder(lock)}): one run "
+                                  "directory has one writer. Wait for it to finish (or stop it), then --resume; or "
+                                  "choose another --output-dir.") from None
+        try:  # the holder before us may have deleted the file on release: then lock the new one
+            same = os.stat(lock).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            return fd
+        os.close(fd)
+
+
+@contextmanager
+def hold_run_dir(out_dir: str | os.PathLike, d: Dist = ONE_PROCESS) -> Iterator[None]:
+    """Hold the run directory's exclusive lock (rank 0 only: it is the process that writes files) for
+    the block; re-entrant within a process. ``out_dir`` must exist. On first entry, stale temporaries of
+    dorakit's own atomic writes (left by a killed run) are removed. The lock file is deleted on release."""
+    if not d.main:
+        yield
+        return
+    key = os.path.realpath(out_dir)
+    if key in _HELD:
+        fd, depth = _HELD[key]
+        _HELD[key] = (fd, depth + 1)
+    else:
+        fd = _lock(Path(out_dir))
+        _HELD[key] = (fd, 1)
+        remove_stale_temporaries(Path(out_dir))
+    try:
+        yield
+    finally:
+        fd, depth = _HELD[key]
+        if depth > 1:
+            _HELD[key] = (fd, depth - 1)
+        else:
+            del _HELD[key]
+            Path(out_dir, LOCK_NAME).unlink(missing_ok=True)  # before unlocking: a waiter re-checks the inode
+            os.close(fd)
+
+
+def remove_stale_temporaries(out_dir: Path) -> list[Path]:
+    """Delete what an interrupted dorakit write leaves behind, and nothing else: ``checkpoints/.step-*.partial``
+    directories and ``.<name>.XXXXXXXX.tmp`` files (io.atomic_write_bytes) in the run, checkpoint and final
+    directories. Call it only while holding the run directory's lock."""
+    removed = []
+    for folder in (out_dir, out_dir / "checkpoints", out_dir / "final"):
+        if not folder.is_dir():
+            continue
+        for entry in folder.iterdir():
+            if entry.is_dir() and not entry.is_symlink() and folder.name == "checkpoints" \
+                    and _PARTIAL_DIR.fullmatch(entry.name):
+                shutil.rmtree(entry)
+                removed.append(entry)
+            elif entry.is_file() and not entry.is_symlink() and _TEMP_FILE.fullmatch(entry.name):
+                entry.unlink()
+                removed.append(entry)
+    return removed
+
+
+def prune_checkpoints(out_dir: Path, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` complete checkpoints at or before the one ``latest`` names (that one
+    is always kept); checkpoints after it (from a run resumed at an earlier step) are left for the run to
+    rewrite. Returns what was deleted."""
+    if keep < 1:
+        raise ValueError(f"keep must be at least 1 (the checkpoint `latest` names), got {keep}.")
+    latest = latest_checkpoint(out_dir)
+    if latest is None:
+        return []
+    newest = int(_STEP_DIR.fullmatch(latest.name).group(1)) if _STEP_DIR.fullmatch(latest.name) else None
+    if newest is None:
+        return []
+    steps = sorted((int(m.group(1)), p) for p in (out_dir / "checkpoints").iterdir()
+                   if p.is_dir() and not p.is_symlink() and (m := _STEP_DIR.fullmatch(p.name)))
+    older = [p for s, p in steps if s < newest]
+    doomed = older[:max(0, len(older) - (keep - 1))]
+    for path in doomed:
+        shutil.rmtree(path)
+    return doomed
+
+
+@contextmanager
+def claim_run_dir(out_dir: str | os.PathLike, resume: bool, d: Dist = ONE_PROCESS) -> Iterator[None]:
+    """hold_run_dir around a run: a new run (``resume=False``) creates ``out_dir`` and removes it again if
+    it is left empty; a resumed run locks an existing directory (a missing one is left missing, for the
+    caller's "no run to resume" error). Re-entrant, so the recipe and train() may both claim."""
+    out = Path(out_dir)
+    if not d.main or (resume and not out.is_dir()):
+        yield
+        return
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        with hold_run_dir(out, d):
+            yield
+    finally:
+        if created:
+            with suppress(OSError):
+                out.rmdir()  # only if empty: a run that failed before writing anything leaves nothing

@@ -12,9 +12,12 @@ Nothing here imports transformers: a tokenizer is anything callable like a Huggi
 
 from __future__ import annotations
 
+import codecs
 import json
+import os
 import random
 import re
+import stat
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -65,7 +68,7 @@ def read_rows(path: str | Path, split: str = "train") -> list[tuple[str, Any]]:
             return _read_datasets_dir(path, split)
         raise DataError(f"directory {path} holds neither {split}.json, {split}.jsonl nor a dataset saved "
                         f"with datasets' save_to_disk; pass {FORMATS}.")
-    text = path.read_text(encoding="utf-8")
+    text = read_data_text(path)
     if not text.strip():
         raise DataError(f"{path} is empty; it must hold at least one record ({FORMATS}).")
     if path.suffix == ".json":
@@ -77,6 +80,42 @@ def read_rows(path: str | Path, split: str = "train") -> list[tuple[str, Any]]:
     if not rows:
         raise DataError(f"{path} holds no records; it must hold at least one.")
     return rows
+
+
+MAX_DATA_BYTES = 4 * 2**30
+"""Largest .json / .jsonl data file read (4 GiB; its records take several times that in memory): a larger
+one is refused; save bigger data with datasets' save_to_disk, which is read without loading it whole."""
+
+
+def read_data_text(path: Path, limit: int = MAX_DATA_BYTES) -> str:
+    """A data file's text: checked to be a regular file of at most ``limit`` bytes before it is read (a
+    FIFO would block, /dev/zero never end), decoded as UTF-8 with an optional byte-order mark."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # non-blocking: opening a FIFO must not wait for a writer
+    except OSError as e:
+        raise DataError(f"{path}: cannot open it ({e.strerror}); pass a readable file ({FORMATS}).") from None
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise DataError(f"{path} is not a regular file (a FIFO, device or socket); pass {FORMATS}.")
+        if info.st_size > limit:
+            raise DataError(f"{path} is {info.st_size:,d} bytes, more than the {limit:,d} read from a .json / .jsonl "
+                            "file; split it, or save it with datasets' save_to_disk and pass that directory.")
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise DataError(f"{path} grew past {limit:,d} bytes while it was read; pass a file that is not being written.")
+    bom = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0  # what Windows editors put first
+    try:
+        return data[bom:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        start = bom + e.start  # byte offset in the file
+        line = data.count(b"\n", 0, start) + 1
+        record = ""
+        if path.suffix == ".jsonl":
+            before = data[:start].split(b"\n")[:-1]
+            record = f"record {sum(1 for ln in before if ln.strip())}, "
+        raise DataError(f"{path}, {record}line {line} (byte offset {start}): byte {data[start]:#04x} is not UTF-8 "
+                        "text; save the file as UTF-8.") from None
 
 
 def _line(text: str, pos: int) -> int:
@@ -161,7 +200,8 @@ def _validate(where: str, obj: Any, purpose: Purpose) -> Record:
         raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}; {schema}.")
     missing = [k for k in need if obj.get(k) is None]
     if missing:
-        raise DataError(f"{where}: missing key {missing[0]!r}; {schema}. Add it or remove the record.")
+        raise DataError(f"{where}: missing key {missing[0]!r}; {schema}. The record has keys {_keys(obj)}: add "
+                        "it or remove the record.")
     for key in ("instruction", "input", "output", "answer"):
         value = obj.get(key)
         if value is not None and not isinstance(value, str):
@@ -171,6 +211,11 @@ def _validate(where: str, obj: Any, purpose: Purpose) -> Record:
         if not obj[key].strip():
             raise DataError(f"{where}: {key!r} is empty; {schema}. Fill it in or remove the record.")
     return Record(obj["instruction"], obj.get("input") or "", obj.get("output") or "", obj.get("answer"))
+
+
+def _keys(obj: Mapping) -> str:
+    keys = sorted(map(str, obj))
+    return repr(keys[:10])[:-1] + (", ...]" if len(keys) > 10 else "]")
 
 
 def load_records(path: str | Path, split: str = "train", purpose: Purpose = "train") -> list[Record]:
@@ -259,11 +304,15 @@ def tokenize_causal(tokenizer: Any, prompt: str, response: str, max_len: int | N
 
 
 def tokenize_records(records: Sequence[Record], tokenizer: Any, max_len: int, *,
-                     train_on_inputs: bool = False, template: Template = "finetune") -> list[CausalExample]:
+                     train_on_inputs: bool = False, template: Template = "finetune",
+                     source: str = "the data") -> list[CausalExample]:
     """``tokenize_causal`` over records; drops (with a warning) those whose prompt fills ``max_len``.
 
-    A record with no supervised token would add nothing to the loss (and a batch of them a NaN).
+    A record with no supervised token would add nothing to the loss (and a batch of them a NaN). If
+    every record would be dropped, a DataError naming ``source`` (the file) says so.
     """
+    if isinstance(max_len, bool) or not isinstance(max_len, int) or max_len < 1:
+        raise DataError(f"max_len (--max-len) must be a positive integer, got {max_len!r}; e.g. --max-len 256.")
     examples, dropped = [], []
     for i, rec in enumerate(records):
         ex = tokenize_causal(tokenizer, format_prompt(rec.instruction, rec.input, template), rec.output,
@@ -272,6 +321,9 @@ def tokenize_records(records: Sequence[Record], tokenizer: Any, max_len: int, *,
             dropped.append(i)
         else:
             examples.append(ex)
+    if records and not examples:
+        raise DataError(f"{source}: all {len(records)} records are longer than --max-len {max_len} tokens (each "
+                        f"prompt fills it, leaving no response token to learn); raise --max-len.")
     if dropped:
         warnings.warn(f"{len(dropped)} of {len(records)} records have a prompt of {max_len}+ tokens, leaving "
                       f"no response token to learn; dropped them (indices {dropped[:5]}...). Raise max_len "
@@ -326,12 +378,18 @@ def load_classification(path: str | Path, split: str = "train") -> list[tuple[st
     strings or integers in the file; they come back as strings.
     """
     pairs = []
+    schema = ("a classification record needs a string 'text' and a string or integer 'label' (or, as an "
+              "instruction record, 'instruction' and 'answer')")
     for where, obj in read_rows(path, split):
-        if isinstance(obj, Mapping) and "text" in obj:
-            text, label = obj["text"], obj.get("label")
+        if not isinstance(obj, Mapping):
+            raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}; {schema}.")
+        if "text" in obj or "instruction" not in obj:
+            text, label = obj.get("text"), obj.get("label")
             if not isinstance(text, str) or isinstance(label, bool) or not isinstance(label, (str, int)):
-                raise DataError(f"{where}: a classification record needs a string 'text' and a string or "
-                                f"integer 'label', got {obj!r}; fix the record or remove it.")
+                bad = "text" if not isinstance(text, str) else "label"
+                got = "missing" if bad not in obj else f"a {type(obj[bad]).__name__}"
+                raise DataError(f"{where}: {schema}; this record's {bad!r} is {got} (it has keys {_keys(obj)}). "
+                                "Fix the record or remove it.")
             pairs.append((text, str(label)))
         else:
             rec = _validate(where, obj, "eval")
@@ -344,8 +402,8 @@ def label_vocab(pairs: Sequence[tuple[str, str]]) -> list[str]:
     return sorted({label for _, label in pairs}, key=_natural)
 
 
-def classification_examples(pairs: Sequence[tuple[str, str]],
-                            vocab: Sequence[str]) -> tuple[list[str], list[int]]:
+def classification_examples(pairs: Sequence[tuple[str, str]], vocab: Sequence[str],
+                            source: str = "the data") -> tuple[list[str], list[int]]:
     """Texts and class ids under ``vocab``; a label outside it is an error naming the pair.
 
     Multiple choice with an encoder (one forward per candidate) is not supported: use the causal LM path.
@@ -354,7 +412,7 @@ def classification_examples(pairs: Sequence[tuple[str, str]],
     unknown = [(i, label) for i, (_, label) in enumerate(pairs) if label not in index]
     if unknown:
         i, label = unknown[0]
-        raise DataError(f"record {i}: label {label!r} is not among the training labels {list(vocab)}; "
+        raise DataError(f"{source}, record {i}: label {label!r} is not among the training labels {list(vocab)}; "
                         f"build the vocabulary from data that covers every label.")
     return [text for text, _ in pairs], [index[label] for _, label in pairs]
 

@@ -101,13 +101,36 @@ def setup(strategy: str, device: str) -> tuple[Dist, torch.device]:
     return Dist(strategy, rank, world, local), here
 
 
+def check_device(device: object, launch_checks: bool = True) -> str:
+    """``device`` if it is "auto" or a torch device that this machine has (type and index), else a
+    DistributedError naming it; nothing is allocated. Under a distributed launch only the spelling is
+    checked here (``launch_checks``): setup() checks the device against the launch (each process takes
+    cuda:<LOCAL_RANK>)."""
+    if device == "auto":
+        return device
+    try:
+        parsed = torch.device(device)  # type: ignore[arg-type]
+    except (RuntimeError, TypeError, ValueError):
+        raise DistributedError(f"--device {device!r} is not a device; use auto, cpu, cuda or cuda:0.") from None
+    if launch_checks and launched_world() is not None:
+        return str(device)
+    available = {"cpu": lambda: 1, "cuda": lambda: torch.cuda.device_count() if torch.cuda.is_available() else 0,
+                 "mps": lambda: int(torch.backends.mps.is_available())}
+    count = available.get(parsed.type, lambda: 0)()
+    if count == 0:
+        fix = "use --device cpu" if parsed.type == "cuda" else "use --device auto, cpu or cuda"
+        raise DistributedError(f"--device {device}: this machine has no {parsed.type} device; {fix}.")
+    if parsed.index is not None and parsed.type != "cpu" and parsed.index >= count:
+        raise DistributedError(f"--device {device}: this machine has {count} {parsed.type} device(s) "
+                               f"({parsed.type}:0 to {parsed.type}:{count - 1}); pick one of those.")
+    return str(device)
+
+
 def single_device(device: str) -> torch.device:
     """"auto" (CUDA if present, else CPU) or the named device, checked to exist."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise DistributedError(f"--device {device}: this machine has no CUDA device; use --device cpu.")
-    return torch.device(device)
+    return torch.device(check_device(device, launch_checks=False))
 
 
 def teardown(finished: bool = True) -> None:

@@ -10,6 +10,7 @@ import json
 import math
 import os
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from ..adapters.config import AdapterConfig
+from .checkpoint import claim_run_dir
 from .data import (
     IGNORE_INDEX,
     Batches,
@@ -29,7 +31,17 @@ from .data import (
     pad_token_id,
     tokenize_records,
 )
-from .distributed import Dist, barrier, check_precision, full_trainable, setup, teardown, wrap
+from .distributed import (
+    STRATEGIES,
+    Dist,
+    barrier,
+    check_device,
+    check_precision,
+    full_trainable,
+    setup,
+    teardown,
+    wrap,
+)
 from ..adapters.inject import apply_adapters, merge_and_unload
 from ..formats.dispatch import load_adapter, save_adapter
 from ..formats.io import atomic_write_bytes
@@ -136,6 +148,32 @@ class FinetuneArgs:
     """torch.compile the model (in place: parameter names, checkpoints and saved adapters are unchanged)."""
     train: TrainConfig = field(default_factory=TrainConfig)
 
+    def __post_init__(self) -> None:
+        """Every field checked here, before anything is loaded or written (the CLI checks its flags earlier)."""
+        for name in ("model", "data", "output_dir"):
+            if not isinstance(getattr(self, name), (str, os.PathLike)) or not str(getattr(self, name)):
+                raise RecipeError(f"{name} must be a path, got {getattr(self, name)!r}.")
+        for name, allowed in (("method", METHODS), ("task", TASKS), ("strategy", STRATEGIES)):
+            if getattr(self, name) not in allowed:
+                raise RecipeError(f"--{name} must be one of {allowed}, got {getattr(self, name)!r}.")
+        for name, low, example in (("batch_size", 1, 4), ("max_len", 1, 256), ("eval_limit", 1, 200),
+                                   ("record_deltas", 0, 10)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise RecipeError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {value!r}; "
+                                  f"e.g. --{name.replace('_', '-')} {example}.")
+        if isinstance(self.epochs, bool) or not isinstance(self.epochs, (int, float)) \
+                or not math.isfinite(self.epochs) or self.epochs < 0:
+            raise RecipeError(f"--epochs must be a finite number >= 0 (0: use --max-steps), got {self.epochs!r}; "
+                              "e.g. --epochs 3.")
+        if not isinstance(self.train, TrainConfig):
+            raise RecipeError(f"train must be a TrainConfig, got {type(self.train).__name__}.")
+        check_device(self.device)
+        if self.method != "full":  # rank, alpha, targets, dropout, norm_grad: AdapterConfig's own checks
+            AdapterConfig(method=self.method, rank=self.rank, alpha=self.alpha, targets=self.targets,
+                          magnitude_only=tuple(self.magnitude_only), dropout=self.dropout,
+                          use_rslora=self.use_rslora, norm_grad=self.norm_grad)
+
 
 @dataclass
 class FinetuneOutcome:
@@ -234,7 +272,8 @@ def finetune(args: FinetuneArgs) -> FinetuneOutcome:
     task = model_task(args.model, args.task)
     d, device = setup(args.strategy, args.device)
     try:
-        outcome = _finetune(args, task, d, device)
+        with ExitStack() as run_dir:  # _finetune claims the run directory (its lock) once it is about to write
+            outcome = _finetune(args, task, d, device, run_dir)
     except BaseException:
         teardown(finished=False)
         raise
@@ -242,15 +281,16 @@ def finetune(args: FinetuneArgs) -> FinetuneOutcome:
     return outcome
 
 
-def _finetune(args: FinetuneArgs, task: str, d: Dist, device: torch.device) -> FinetuneOutcome:
+def _finetune(args: FinetuneArgs, task: str, d: Dist, device: torch.device, run_dir: ExitStack) -> FinetuneOutcome:
     _check_distributed(args, d)
     _check_compile(args)
     _check_cuda_graph(args, device)
     torch.manual_seed(args.train.seed)  # a new head's and the adapters' initial values follow --seed too
     if task == "causal":
-        model, tokenizer = load_model(args.model, task, load_in_4bit=args.load_in_4bit, device=device)
         records = load_records(args.data, purpose="train")
-        examples = tokenize_records(records, tokenizer, args.max_len, train_on_inputs=args.train_on_inputs)
+        model, tokenizer = load_model(args.model, task, load_in_4bit=args.load_in_4bit, device=device)
+        examples = tokenize_records(records, tokenizer, args.max_len, train_on_inputs=args.train_on_inputs,
+                                    source=str(args.data))
         pad = pad_token_id(tokenizer)
 
         def make_batch(idx: list[int]) -> dict[str, torch.Tensor]:
@@ -262,7 +302,7 @@ def _finetune(args: FinetuneArgs, task: str, d: Dist, device: torch.device) -> F
         labels = label_vocab(pairs)
         model, tokenizer = load_model(args.model, task, num_labels=len(labels), load_in_4bit=args.load_in_4bit,
                                       device=device)
-        texts, ids = classification_examples(pairs, labels)
+        texts, ids = classification_examples(pairs, labels, source=str(args.data))
         model.config.id2label = dict(enumerate(labels))  # class id -> label, saved with the head
         model.config.label2id = {label: i for i, label in enumerate(labels)}
 
@@ -295,6 +335,7 @@ def _finetune(args: FinetuneArgs, task: str, d: Dist, device: torch.device) -> F
     batches = Batches(n_items, global_batch, seed=tcfg.seed)
     recorder = _delta_recorder(args, model)
     deltas_path = Path(args.output_dir) / "deltas.json"
+    run_dir.enter_context(claim_run_dir(args.output_dir, args.resume, d))  # held until the final save is written
     start = _resume_step(Path(args.output_dir)) if args.resume else 0
     callbacks = []
     if recorder is not None:
@@ -374,7 +415,7 @@ def _eval_fn(args: FinetuneArgs, task: str, tokenizer: Any, labels: list[str] | 
     """A callable model -> {"accuracy": ...} over --eval-data (first --eval-limit items)."""
     if task == "classify":
         pairs = load_classification(args.eval_data)[: args.eval_limit]
-        texts, ids = classification_examples(pairs, labels or [])
+        texts, ids = classification_examples(pairs, labels or [], source=str(args.eval_data))
         return lambda model: {"accuracy": classify_accuracy(model, tokenizer, texts, ids, args.batch_size,
                                                             args.max_len)}
     from .evaluate import evaluate_task, task_from_path

@@ -27,7 +27,15 @@ from typing import Self
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (
+    claim_run_dir,
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from .data import Batches
 from .distributed import ONE_PROCESS, Dist, all_sum, autocast_needed, barrier, gradient_sync, unwrap
 from .graphs import GraphedMicroStep
@@ -40,6 +48,10 @@ ItemCount = Callable[[Mapping[str, Tensor]], int]
 
 Callback = Callable[[int, nn.Module], None]
 """Called as ``callback(step, model)`` after every optimizer step (e.g. analysis.DeltaRecorder)."""
+
+
+class TrainConfigError(ValueError):
+    """A TrainConfig field (a ``dorakit finetune`` flag) has a value training cannot use."""
 
 
 @dataclass(frozen=True)
@@ -74,21 +86,32 @@ class TrainConfig:
     """Replay each micro-batch's forward + backward from a CUDA graph (dorakit.training.graphs): one CUDA
     process, sequences right-padded to bucket widths (one graph each); the eager GPU step is host-bound."""
 
+    keep_checkpoints: int = 2
+    """Keep the newest this many checkpoints (the one ``latest`` names among them) and delete older ones:
+    the newest resumes the run, one more allows going back one save interval, and the disk a run takes
+    stays bounded (a full fine-tuning checkpoint is about three times the model: weights and AdamW's moments)."""
+
     def __post_init__(self) -> None:
-        for name in ("max_steps", "grad_accum"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}.")
-        for name in ("warmup_steps", "log_every", "eval_every", "save_every", "seed"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
-                raise ValueError(f"{name} must be a non-negative integer, got {getattr(self, name)!r}.")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr must be a positive number, got {self.lr!r}.")
-        if self.weight_decay < 0 or self.max_grad_norm < 0:
-            raise ValueError("weight_decay and max_grad_norm must be >= 0.")
+        for name, low, example in (("max_steps", 1, 100), ("grad_accum", 1, 4), ("log_every", 1, 10),
+                                   ("keep_checkpoints", 1, 2), ("warmup_steps", 0, 100), ("eval_every", 0, 200),
+                                   ("save_every", 0, 200), ("seed", 0, 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                kind = "a positive integer" if low == 1 else "a non-negative integer"
+                raise TrainConfigError(f"{name} must be {kind}, got {value!r}; e.g. {name}={example} "
+                                       f"(--{name.replace('_', '-')} {example}).")
+        for name, positive, example in (("lr", True, 2e-4), ("weight_decay", False, 0.01),
+                                        ("max_grad_norm", False, 1.0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or value < 0 or (positive and value == 0):
+                kind = "a positive number" if positive else "a finite number >= 0"
+                raise TrainConfigError(f"{name} must be {kind}, got {value!r}; e.g. {name}={example} "
+                                       f"(--{name.replace('_', '-')} {example}).")
         if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}.")
+            raise TrainConfigError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}.")
         if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}.")
+            raise TrainConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}.")
         if not isinstance(self.cuda_graph, bool):
             raise TypeError(f"cuda_graph must be True or False, got {self.cuda_graph!r}.")
 
@@ -237,7 +260,8 @@ def train(model: nn.Module, batches: Batches, make_batch: Callable[[list[int]], 
     (dorakit.training.graphs); ``pad_values`` then says how to right-pad the batch's sequence tensors
     (e.g. ``{"input_ids": pad_id, "attention_mask": 0, "labels": -100}``).
 
-    Writes (rank 0) ``<out>/run.json`` (``identity``: what a resume must match), ``<out>/metrics.jsonl``
+    Rank 0 holds ``<out>``'s lock while it runs (a second process is refused: one run directory has one
+    writer) and writes ``<out>/run.json`` (``identity``: what a resume must match), ``<out>/metrics.jsonl``
     and ``<out>/checkpoints/step-*``. Ctrl-C or SIGTERM writes a checkpoint at the last finished
     step and returns with ``interrupted=True``.
     """
@@ -247,23 +271,37 @@ def train(model: nn.Module, batches: Batches, make_batch: Callable[[list[int]], 
         raise ValueError(f"a step's batch of {batches.batch_size} items does not split into grad_accum "
                          f"{cfg.grad_accum} × {d.world_size} processes; make it a multiple of {slots}.")
     micro = batches.batch_size // slots
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("the model has no parameter that requires grad; apply adapters or unfreeze it first.")
     if cfg.cuda_graph:  # checked before anything is written
         pad_values = _graph_pad_values(model, pad_values, d, device)
-    _check_identity(out, {**(identity or {}), "global_batch": batches.batch_size,
-                          "train": asdict(cfg) | {"log_every": None, "eval_every": None, "save_every": None,
-                                                  "grad_accum": None, "cuda_graph": None}}, resume, d)
+    identity = {**(identity or {}), "global_batch": batches.batch_size,
+                "train": asdict(cfg) | {"log_every": None, "eval_every": None, "save_every": None,
+                                        "grad_accum": None, "cuda_graph": None, "keep_checkpoints": None}}
+    with claim_run_dir(out, resume, d):
+        _check_identity(out, identity, resume, d)
+        return _train(model, batches, make_batch, cfg, out, evaluate=evaluate, callbacks=callbacks, resume=resume,
+                      device=device, progress=progress, items=items, dist=d, pad_values=pad_values, micro=micro)
+
+
+def _train(model: nn.Module, batches: Batches, make_batch: Callable[[list[int]], dict[str, Tensor]],
+           cfg: TrainConfig, out: Path, *, evaluate: Callable[[nn.Module], dict[str, float]] | None,
+           callbacks: Iterable[Callback], resume: bool, device: torch.device, progress: bool,
+           items: ItemCount | None, dist: Dist, pad_values: Mapping[str, int] | None, micro: int) -> TrainResult:
+    """train() once the run directory is claimed and its identity checked."""
+    d, slots = dist, cfg.grad_accum * dist.world_size
     inner = unwrap(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("the model has no parameter that requires grad; apply adapters or unfreeze it first.")
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     step = 0
     _seed(cfg.seed + d.rank)  # rank r draws its own dropout masks; rank 0 draws those of a 1-process run
     scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
     ckpt = latest_checkpoint(out) if resume else None
+    tokens = 0  # label-bearing tokens seen over the whole run (continued across resumes)
     if ckpt is not None:
         state = load_checkpoint(ckpt, inner, optimizer, d)
         step = int(state["step"])
+        tokens = _saved_tokens(state, ckpt, d)
         batches.load_state_dict(state["batches"])
         _restore_rng(state, cfg, step, d)
         if scaler is not None and "scaler" in state:
@@ -277,7 +315,7 @@ def train(model: nn.Module, batches: Batches, make_batch: Callable[[list[int]], 
     result = TrainResult(steps=step, start_step=step)
     boundary = (batches.state_dict(), rng_state())
     stream, bar = batches.forever(), Progress(cfg.max_steps, progress and d.main)
-    start, done, tokens = time.perf_counter(), 0, 0
+    start, done, run_tokens = time.perf_counter(), 0, 0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     model.train()
@@ -294,28 +332,29 @@ def train(model: nn.Module, batches: Batches, make_batch: Callable[[list[int]], 
                                                 graphed)
             _optimizer_step(optimizer, scaler, params, cfg.max_grad_norm, keep_grads=graphed is not None)
             loss_sum, step_tokens = all_sum([loss_sum, step_tokens], d, device)
-            step, done, tokens = step + 1, done + 1, tokens + int(step_tokens)
+            step, done = step + 1, done + 1
+            tokens, run_tokens = tokens + int(step_tokens), run_tokens + int(step_tokens)
             boundary = (batches.state_dict(), rng_state())
             result.losses.append(loss_sum)
             for callback in callbacks:
                 callback(step, inner)
             elapsed = time.perf_counter() - start
-            bar.update(step, loss_sum, tokens / elapsed, done)
+            bar.update(step, loss_sum, run_tokens / elapsed, done)
             if d.main and (step % cfg.log_every == 0 or step == cfg.max_steps):
                 _log(out, {"step": step, "loss": loss_sum, "lr": optimizer.param_groups[0]["lr"], "tokens": tokens,
-                           "tokens_per_s": tokens / elapsed, "elapsed_s": elapsed})
+                           "tokens_per_s": run_tokens / elapsed, "elapsed_s": elapsed})
             if evaluate is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
                 record = _run_eval(inner, evaluate)  # every process evaluates (FSDP needs all of them)
                 if d.main:
                     _log(out, {"step": step, **record})
             if cfg.save_every and step % cfg.save_every == 0:
-                save_checkpoint(out, step, inner, optimizer, boundary[0], boundary[1], _scaler_state(scaler), d)
+                _save(out, step, inner, optimizer, boundary, _extra(scaler, tokens), cfg, d)
                 saved_step = step
             stopping = all_sum([float(stop.requested)], d, device)[0] > 0  # all processes stop at the same step
         result.interrupted = stopping
     bar.close()
     if step != saved_step and step > 0:  # (rewriting a step already on disk would briefly leave `latest` dangling)
-        save_checkpoint(out, step, inner, optimizer, boundary[0], boundary[1], _scaler_state(scaler), d)
+        _save(out, step, inner, optimizer, boundary, _extra(scaler, tokens), cfg, d)
     result.steps, result.seconds = step, time.perf_counter() - start
     result.graph_captures = graphed.captures if graphed is not None else 0
     if device.type == "cuda":
@@ -431,6 +470,32 @@ def logged_records(path: Path, step: int) -> list[dict[str, object]]:
     return [r for r in records if r.get("step") == step]
 
 
+def _extra(scaler: torch.amp.GradScaler | None, tokens: int) -> dict[str, object]:
+    """state.json's extra fields: the fp16 loss scale and the run's token count so far."""
+    return {**_scaler_state(scaler), "tokens": tokens}
+
+
+def _saved_tokens(state: Mapping[str, object], ckpt: Path, d: Dist) -> int:
+    """The token count a checkpoint was saved at; one written before dorakit kept it has none, and the
+    count then restarts at 0 (a warning says so: metrics.jsonl's `tokens` counts from this resume)."""
+    if "tokens" in state:
+        return int(state["tokens"])
+    if d.main:
+        warnings.warn(f"{ckpt} holds no token count (an older dorakit wrote it): metrics.jsonl's `tokens` restarts "
+                      "at 0 from this resume.", stacklevel=4)
+    return 0
+
+
+def _save(out: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+          boundary: tuple[Mapping[str, int | bool], Mapping[str, object]], extra: Mapping[str, object],
+          cfg: TrainConfig, d: Dist) -> None:
+    """Write the checkpoint of ``step`` (at the step boundary), then delete all but the newest
+    cfg.keep_checkpoints."""
+    save_checkpoint(out, step, model, optimizer, boundary[0], boundary[1], extra, d)
+    if d.main:
+        prune_checkpoints(out, cfg.keep_checkpoints)
+
+
 def _scaler_state(scaler: torch.amp.GradScaler | None) -> dict[str, object]:
     """The fp16 loss scale and its growth counter (plain numbers), so a resumed run scales identically."""
     return {"scaler": scaler.state_dict()} if scaler is not None else {}
@@ -468,7 +533,21 @@ def _log(out: Path, record: Mapping[str, object]) -> None:
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop lines logged after the checkpoint's step: those steps run again."""
-    if path.is_file():
-        lines = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-        atomic_write_bytes(path, ("\n".join(lines) + "\n" if lines else "").encode())
+    """On resume, drop lines logged after the checkpoint's step (those steps run again) and, of lines for
+    the same step and the same fields (left by two processes that once wrote one directory), keep the
+    last. Rewritten atomically; a file that needs no change is not rewritten."""
+    if not path.is_file():
+        return
+    text = path.read_text()
+    kept: dict[tuple[object, ...], str] = {}
+    for line in text.splitlines():
+        if line.strip() and json.loads(line)["step"] <= step:
+            record = json.loads(line)
+            kept[(record["step"], *sorted(record.keys() - _VARYING))] = line  # the first one's place, the last text
+    new = "".join(line + "\n" for line in kept.values())
+    if new != text:
+        atomic_write_bytes(path, new.encode())
+
+
+_VARYING = {"tokens_per_s", "elapsed_s"}
+"""Fields of a metrics line that are not part of what the line is (a loss line has them, an eval line not)."""
