@@ -34,6 +34,7 @@ from .layers import (
     ConvAdapter,
     EmbeddingAdapter,
     LinearAdapter,
+    cached_norms,
 )
 from .loading import load_adapter
 from .params import (
@@ -72,6 +73,7 @@ __all__ = [
     "adapter_state_dict",
     "adapters_disabled",
     "apply_adapters",
+    "cached_norms",
     "convert_bin_adapter",
     "count_parameters",
     "functional",
