@@ -35,6 +35,7 @@ from .adapters.layers import (
     ConvAdapter,
     EmbeddingAdapter,
     LinearAdapter,
+    cached_norms,
 )
 from .adapters.params import (
     adapter_parameters,
@@ -72,6 +73,7 @@ __all__ = [
     "adapter_state_dict",
     "adapters_disabled",
     "apply_adapters",
+    "cached_norms",
     "convert_bin_adapter",
     "count_parameters",
     "functional",

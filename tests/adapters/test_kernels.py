@@ -363,53 +363,56 @@ def test_config_backend_reaches_layers() -> None:
 
 
 def test_inference_norm_is_cached_until_an_adapter_tensor_changes() -> None:
+    """Inside dk.cached_norms the norm is computed once and recomputed after an in-place change."""
     layer = _linear_layer().eval()
-    x = torch.randn(4, 24)
-    with torch.no_grad():
-        y1 = layer(x)
-        cached = layer._norm_cache[1]
-        assert layer(x).equal(y1) and layer._norm_cache[1] is cached  # reused
-        layer.lora_B.add_(0.05)  # as optimizer.step() does
-        y2 = layer(x)
-    assert layer._norm_cache[1] is not cached and not y2.equal(y1)
-    with torch.no_grad():
-        ref = _linear_layer("torch").eval()
-        ref.load_state_dict(layer.state_dict())
-        torch.testing.assert_close(y2, ref(x), rtol=1e-5, atol=1e-5)
-    layer.train()
-    cached = layer._norm_cache
-    with torch.no_grad():
-        layer(x)
-    assert layer._norm_cache is cached  # training mode neither reads nor writes the cache
+    with dk.cached_norms(layer):
+        x = torch.randn(4, 24)
+        with torch.no_grad():
+            y1 = layer(x)
+            cached = layer._norm_cache[1]
+            assert layer(x).equal(y1) and layer._norm_cache[1] is cached  # reused
+            layer.lora_B.add_(0.05)  # as optimizer.step() does
+            y2 = layer(x)
+        assert layer._norm_cache[1] is not cached and not y2.equal(y1)
+        with torch.no_grad():
+            ref = _linear_layer("torch").eval()
+            ref.load_state_dict(layer.state_dict())
+            torch.testing.assert_close(y2, ref(x), rtol=1e-5, atol=1e-5)
+        layer.train()
+        cached = layer._norm_cache
+        with torch.no_grad():
+            layer(x)
+        assert layer._norm_cache is cached  # training mode neither reads nor writes the cache
 
 
 def test_norm_cache_is_dropped_between_train_and_eval() -> None:
     """A fused optimizer updates A and B without bumping their version counters (a write through
     .data does the same): the next eval phase must still see the update, since train()/eval() drop
-    the cache. LoRA's copies are never cached."""
+    the cache. LoRA's copies are never cached. (Only inside dk.cached_norms is anything cached.)"""
     layer = _linear_layer().eval()
-    x = torch.randn(4, 24)
-    with torch.no_grad():
-        y1 = layer(x)
-    layer.train()
-    layer.lora_B.data.add_(0.05)  # no version bump, as torch.optim.AdamW(fused=True)
-    layer.eval()
-    with torch.no_grad():
-        y2 = layer(x)
-        ref = _linear_layer("torch").eval()
-        ref.load_state_dict(layer.state_dict())
-        torch.testing.assert_close(y2, ref(x), rtol=1e-5, atol=1e-5)
-    assert not y2.equal(y1)
-    layer.train().eval()
-    layer(x)  # with grad (training steps in eval mode): never cached
-    assert layer._norm_cache is None
     lora = _linear_layer(variant="lora").eval()
-    with torch.no_grad():
-        lora(x)
-        assert lora._norm_cache is None
-        before = lora(x)
-        lora.lora_B.data.add_(0.05)
-        assert not lora(x).equal(before)
+    x = torch.randn(4, 24)
+    with dk.cached_norms(nn.ModuleList([layer, lora])):
+        with torch.no_grad():
+            y1 = layer(x)
+        layer.train()
+        layer.lora_B.data.add_(0.05)  # no version bump, as torch.optim.AdamW(fused=True)
+        layer.eval()
+        with torch.no_grad():
+            y2 = layer(x)
+            ref = _linear_layer("torch").eval()
+            ref.load_state_dict(layer.state_dict())
+            torch.testing.assert_close(y2, ref(x), rtol=1e-5, atol=1e-5)
+        assert not y2.equal(y1)
+        layer.train().eval()
+        layer(x)  # with grad (training steps in eval mode): never cached
+        assert layer._norm_cache is None
+        with torch.no_grad():
+            lora(x)
+            assert lora._norm_cache is None
+            before = lora(x)
+            lora.lora_B.data.add_(0.05)
+            assert not lora(x).equal(before)
 
 
 def test_lora_with_hooks_on_the_base_layer_takes_the_eager_path() -> None:

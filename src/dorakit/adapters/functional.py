@@ -5,11 +5,11 @@ flattened to (out, in * kernel), an embedding table transposed to (dim, vocab), 
 ``Conv1D`` weight transposed. The paper's column norm ``||.||_c`` (Liu et al. 2024, Eq. 2) is,
 in this layout, the L2 norm of each *output row*: a vector of shape (out,).
 
-Precision: norms are accumulated in float32 (float64 when the weight is float64). The one
-product with the dense weight, W0 @ Aᵀ (out, r), is taken in W0's dtype (on a GPU a bf16/fp16
-matmul accumulates in fp32) and then upcast; every other term of the factored norm is formed
-from A and B upcast to the accumulation dtype, and the squared norm is clamped at the smallest
-positive normal before the square root, so cancellation can never produce a NaN.
+Precision: norms are accumulated in float32 (float64 when the weight is float64). The DoRA norm
+||W0 + sBA||_c is summed directly over blocks of rows of W0 + sBA (W0 upcast exactly, B·A formed
+from A and B in the accumulation dtype), so it is as accurate as a dense norm where the update
+nearly cancels a row, without ever holding the dense (out, in) matrix; the squared norm is clamped
+at the smallest positive normal before the square root, so it can never produce a NaN.
 """
 
 from __future__ import annotations
@@ -39,31 +39,85 @@ def row_norm_sq(weight: Tensor) -> Tensor:
     return torch.linalg.vector_norm(weight, dim=1, dtype=acc).square()
 
 
+NORM_CHUNK_BYTES = 4 * 2**20
+"""Largest temporary of the direct norm: rows of W0 + sBA are formed this many bytes at a time."""
+
+
+def _chunk_rows(weight: Tensor, acc: torch.dtype) -> int:
+    """Rows per block so that one (rows, in) block in ``acc`` stays within NORM_CHUNK_BYTES."""
+    row_bytes = max(1, weight.shape[1]) * torch.finfo(acc).bits // 8
+    return max(1, min(weight.shape[0], NORM_CHUNK_BYTES // row_bytes))
+
+
+def _direction_rows(weight: Tensor, A: Tensor, B: Tensor, scaling: float, start: int, stop: int) -> Tensor:
+    """V = W0[rows] + s·B[rows]·A in A's (the accumulation) dtype: (rows, in)."""
+    return torch.addmm(weight[start:stop].to(A.dtype), B[start:stop], A, alpha=scaling)
+
+
+class _DirectNormSq(torch.autograd.Function):
+    """||W0 + s·B·A||² per row, summed block by block over rows; backward recomputes each block.
+
+    d||v_n||²/dV = 2v_n, so with G = 2·dL/dn ⊙ V per block: dW0 = G, dB = s·G·Aᵀ, dA = s·Bᵀ·G.
+    """
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, A: Tensor, B: Tensor, scaling: float) -> Tensor:  # noqa: ANN001
+        out = A.new_empty(weight.shape[0])                                # (out,)
+        step = _chunk_rows(weight, A.dtype)
+        for start in range(0, weight.shape[0], step):
+            stop = min(start + step, weight.shape[0])
+            out[start:stop] = _direction_rows(weight, A, B, scaling, start, stop).square_().sum(dim=1)
+        ctx.save_for_backward(weight, A, B)
+        ctx.scaling = scaling
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:  # noqa: ANN001
+        weight, A, B = ctx.saved_tensors
+        s = ctx.scaling
+        need_w, need_A, need_B = ctx.needs_input_grad[:3]
+        grad_w = torch.empty_like(weight) if need_w else None
+        grad_A = torch.zeros_like(A) if need_A else None
+        grad_B = torch.empty_like(B) if need_B else None
+        step = _chunk_rows(weight, A.dtype)
+        for start in range(0, weight.shape[0], step):
+            stop = min(start + step, weight.shape[0])
+            G = _direction_rows(weight, A, B, s, start, stop).mul_(2.0 * grad[start:stop, None])  # (rows, in)
+            if need_w:
+                grad_w[start:stop] = G
+            if need_A:
+                grad_A.addmm_(B[start:stop].T, G, alpha=s)                # (r, rows) @ (rows, in)
+            if need_B:
+                grad_B[start:stop] = torch.mm(G, A.T).mul_(s)             # (rows, in) @ (in, r)
+        return grad_w, grad_A, grad_B, None
+
+
 def dora_norm_sq(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
                  weight_sq: Tensor | None = None) -> Tensor:
-    """||W0 + s·B·A||² per output row, without forming the dense (out, in) matrix.
+    """||W0 + s·B·A||² per output row, summed directly, never holding the dense (out, in) matrix.
 
-    ||w_n + s·(BA)_n||² = ||w_n||² + 2s·((W0 Aᵀ) ⊙ B)_n·1 + s²·((B·AAᵀ) ⊙ B)_n·1
+    Rows of V = W0 + s·B·A are formed NORM_CHUNK_BYTES at a time in the accumulation dtype (W0
+    upcast exactly, B·A a float32 product), squared and summed, so the result is as accurate as a
+    dense norm even where W0 + sBA nearly cancels a row. (The factored expansion
+    ||w_n||² + 2s·((W0 Aᵀ) ⊙ B)_n·1 + s²·((B·AAᵀ) ⊙ B)_n·1 loses all digits there: a row shrunk to
+    1e-3 of ||w_n|| has float32 error ~1e-1.) Backward (norm_grad="exact") recomputes each block.
+    Cost: one (out, r) x (r, in) product and one pass over W0, as the factored form's W0·Aᵀ.
 
     Args:
         weight: W0, (out, in).
         lora_A: A, (r, in).
         lora_B: B, (out, r).
         scaling: s.
-        weight_sq: ||w_n||² (out,) if already known (it is cached by the layers).
+        weight_sq: not read (the factored form took the cached ||w_n||² here); accepted so existing
+            callers keep working.
 
     Returns:
-        (out,) in the accumulation dtype. Differentiable in A and B (used by norm_grad="exact").
+        (out,) in the accumulation dtype. Differentiable in W0, A and B.
     """
-    if weight_sq is None:
-        weight_sq = row_norm_sq(weight)
-    acc = weight_sq.dtype
-    A = lora_A.to(acc)                                            # (r, in)
-    B = lora_B.to(acc)                                            # (out, r)
-    WAt = (weight @ lora_A.to(weight.dtype).T).to(acc)            # (out, r), the only pass over W0
-    cross = (WAt * B).sum(dim=1)                                  # (out,)
-    quad = ((B @ (A @ A.T)) * B).sum(dim=1)                       # (out,)
-    return weight_sq + (2.0 * scaling) * cross + (scaling * scaling) * quad
+    del weight_sq
+    acc = accumulation_dtype(weight)
+    return _DirectNormSq.apply(weight, lora_A.to(acc), lora_B.to(acc), float(scaling))
 
 
 def safe_sqrt(norm_sq: Tensor) -> Tensor:
@@ -73,7 +127,7 @@ def safe_sqrt(norm_sq: Tensor) -> Tensor:
 
 def dora_norm(weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float,
               weight_sq: Tensor | None = None) -> Tensor:
-    """||W0 + s·B·A||_c: the per-output-row norm, (out,), factored (see dora_norm_sq)."""
+    """||W0 + s·B·A||_c: the per-output-row norm, (out,), summed directly (see dora_norm_sq)."""
     return safe_sqrt(dora_norm_sq(weight, lora_A, lora_B, scaling, weight_sq))
 
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Literal
 
 import torch
@@ -99,7 +101,9 @@ class AdapterLayer(nn.Module):
         self.merged = False
         self.disabled = False
         self.cache_norm = True
-        """Keep the eval-mode norm until W0, A or B changes (off under FSDP, whose updates it cannot see)."""
+        """Whether cached_norms() may keep this layer's norm (off under FSDP, whose updates it cannot see)."""
+        self._norm_cache: tuple[tuple, tuple[Tensor | None, ...]] | None = None
+        self._cache_depth = 0  # how many cached_norms() blocks hold this layer
         weight = self.weight_2d()  # W0's (out, in) view; for a 4-bit base, a transient dequantized copy
         dtype = adapter_dtype(weight)
         out_features, in_features = self.weight_2d().shape
@@ -129,9 +133,6 @@ class AdapterLayer(nn.Module):
             raise ValueError(f"dropout={dropout} is not applied to {type(base_layer).__name__} adapters (as in PEFT); "
                              "leave this module out of targets or set dropout=0.")
         self.lora_dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        # ||w_n||² of the frozen W0, float32, cached; recomputed if W0 changes in place (see _weight_sq).
-        self.register_buffer("weight_sq", torch.empty(0), persistent=False)
-        self.refresh_weight_cache()
         self.register_buffer("merge_norm", None, persistent=False)  # ||W0 + sBA||_c used by the last merge
         if variant != "lora":
             with torch.no_grad():
@@ -199,76 +200,53 @@ class AdapterLayer(nn.Module):
     def _cache_key(weight: Tensor) -> tuple[int, torch.dtype, torch.device, int]:
         return (weight._version, weight.dtype, weight.device, weight.data_ptr())
 
-    def _weight_sq(self) -> Tensor:
-        """Cached ||w_n||² (float32); recomputed when W0 was changed in place, replaced, moved or cast.
-
-        Two kinds of change cannot be seen and need refresh_weight_cache(): a write through
-        ``weight.data`` (it bypasses the version counter autograd keeps), and any change of W0 while
-        running under torch.compile (reading the version counter there would break the graph).
-        """
-        if not torch.compiler.is_compiling():
-            weight = self.base_layer.weight
-            # The dtype test catches model.to(dtype) casting the buffer while leaving W0 as it was.
-            if (self._cache_key(weight) != self._weight_sq_key
-                    or self.weight_sq.dtype != accumulation_dtype(weight)):
-                self.refresh_weight_cache()
-        return self.weight_sq
-
-    @torch.no_grad()
     def refresh_weight_cache(self) -> None:
-        """Recompute the cached ||w_n||² of W0 (float32; float64 for a float64 W0) and drop the cached
-        inference norm (see _prepared): call it after writing W0, A or B through ``.data``."""
-        weight_sq = row_norm_sq(self.weight_2d())
-        old = self.weight_sq
-        if (old.shape == weight_sq.shape and old.dtype == weight_sq.dtype and old.device == weight_sq.device
-                and not old.is_inference()):
-            old.copy_(weight_sq)  # in place: a captured CUDA graph (train's cuda_graph) keeps reading this tensor
-        else:
-            self.weight_sq = weight_sq
-        self._weight_sq_key = self._cache_key(self.base_layer.weight)
+        """Drop the norm kept inside a cached_norms() block: call it there after writing W0, A or B
+        through ``.data`` (the one change cached_norms cannot see). Outside such a block nothing is cached."""
         self._norm_cache = None
 
     def _norm(self, grad: bool) -> Tensor:
-        """||W0 + sBA||_c, (out,), factored; ||W0||_c for magnitude-only."""
-        weight_sq = self._weight_sq()
+        """||W0 + sBA||_c, (out,), summed directly from the current W0, A, B; ||W0||_c (a constant)
+        for magnitude-only. Nothing is cached: every call reads the tensors as they are now."""
         if self.variant == "magnitude":
-            return safe_sqrt(weight_sq)
+            with torch.no_grad():
+                return safe_sqrt(row_norm_sq(self.weight_2d()))
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
-            return dora_norm(self.weight_2d(), self.lora_A_2d(), self.lora_B_2d(), self.scaling, weight_sq)
+            return dora_norm(self.weight_2d(), self.lora_A_2d(), self.lora_B_2d(), self.scaling)
 
     def _prepare(self, weight: Tensor, impl: str) -> tuple[Tensor | None, ...]:
-        """dorakit.adapters.kernels.dora_prepare (DoRA) or lora_prepare (LoRA: no norm) for W0 = ``weight``.
-
-        The cached ||w||² is read (and refreshed) for the fused path only: the Triton kernel sums
-        (w + s·BA)² itself, so it needs no second pass over a W0 that FSDP may re-gather every step."""
+        """dorakit.adapters.kernels.dora_prepare (DoRA) or lora_prepare (LoRA: no norm) for W0 = ``weight``."""
         if self.variant == "lora":
             return lora_prepare(self.lora_A, self.lora_B, self.scaling, weight.dtype, impl)
-        weight_sq = None if impl == "triton" else self._weight_sq()
-        return dora_prepare(weight, self.lora_A, self.lora_B, self.scaling, weight_sq, impl)
+        return dora_prepare(weight, self.lora_A, self.lora_B, self.scaling, None, impl)
+
+    def _may_cache(self) -> bool:
+        """Whether _prepared may keep DoRA's norm: only inside cached_norms(), in eval mode, without grad."""
+        return (self._cache_depth > 0 and self.variant == "dora" and self.cache_norm and not self.training
+                and not torch.is_grad_enabled() and not torch.compiler.is_compiling())
 
     def _prepared(self, impl: str) -> tuple[Tensor | None, ...]:
         """_prepare for the current W0, A, B: (norm or None, A, s·A, B, s·B), no graph.
 
-        DoRA's is cached in eval mode without grad until W0, A, B or s changes (version counters, as
-        for weight_sq; not under torch.compile), and dropped whenever the layer switches between
-        train and eval (a fused optimizer updates A and B without bumping their version counters):
-        generation with an unmerged adapter computes it once. LoRA's (copies only) is not cached.
+        Computed afresh on every call, except inside a cached_norms() block (see there): a fused
+        optimizer updates A and B without bumping their version counters, and a write through
+        ``.data`` bypasses them too, so no key of the tensors can prove a cached norm current.
+        Inside the block the key (version counters, storage, s, impl) and an optimizer-step hook
+        still drop the cache on every change they can see.
         """
-        key = None
-        if (self.variant == "dora" and not self.training and not torch.is_grad_enabled() and self.cache_norm
-                and not torch.compiler.is_compiling()):
-            A, B = self.lora_A, self.lora_B
-            key = (self._cache_key(self.base_layer.weight), A._version, A.data_ptr(), B._version, B.data_ptr(),
-                   self.scaling, impl)
-            if self._norm_cache is not None and self._norm_cache[0] == key:
-                return self._norm_cache[1]
+        if not self._may_cache():
+            return self._prepare(self.base_layer.weight, impl)
+        A, B = self.lora_A, self.lora_B
+        key = (self._cache_key(self.base_layer.weight), A._version, A.data_ptr(), B._version, B.data_ptr(),
+               self.scaling, impl)
+        if self._norm_cache is not None and self._norm_cache[0] == key:
+            return self._norm_cache[1]
         prepared = self._prepare(self.base_layer.weight, impl)
-        if key is not None:
-            self._norm_cache = (key, prepared)
+        self._norm_cache = (key, prepared)
         return prepared
 
     def train(self, mode: bool = True) -> AdapterLayer:
-        """nn.Module.train, dropping the eval-mode norm cache (see _prepared)."""
+        """nn.Module.train, dropping the norm kept by cached_norms() (see _prepared)."""
         self._norm_cache = None
         return super().train(mode)
 
@@ -526,3 +504,38 @@ class EmbeddingAdapter(AdapterLayer):
             raise ValueError(f"init must be 'kaiming' or 'gaussian', got {init!r}.")
         nn.init.zeros_(self.lora_A)
         nn.init.normal_(self.lora_B)
+
+
+@contextmanager
+def cached_norms(model: nn.Module) -> Iterator[None]:
+    """Inside this block, each DoRA layer of ``model`` computes ||W0 + sBA||_c once and reuses it.
+
+    For generation and evaluation with unmerged adapters (the decode loop would otherwise recompute
+    every norm for every token). It applies to DoRA on the fused / Triton paths (nn.Linear), in eval
+    mode, without grad; everything else runs as outside the block.
+
+    Contract: W0, A and B do not change inside the block. Changes dorakit can see still drop the
+    cache: in-place ops (version counters: ``copy_``, ``load_state_dict``, ``add_`` under no_grad),
+    replaced or moved tensors, ``train()`` / ``eval()``, and any ``torch.optim`` optimizer step
+    (fused, foreach or for-loop, through a global step hook). A write through ``.data`` cannot be
+    seen: after one, call ``layer.refresh_weight_cache()``. Caches are dropped on entry and on exit.
+    """
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    layers = [m for m in model.modules() if isinstance(m, AdapterLayer)]
+
+    def drop(*_: object) -> None:
+        for layer in layers:
+            layer._norm_cache = None
+
+    handle = register_optimizer_step_post_hook(drop)
+    for layer in layers:
+        layer._cache_depth += 1
+    drop()
+    try:
+        yield
+    finally:
+        handle.remove()
+        for layer in layers:
+            layer._cache_depth -= 1
+        drop()

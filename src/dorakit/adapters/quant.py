@@ -11,14 +11,13 @@ Every quantity of ``functional`` is taken of the *dequantized* weight W0 = dequa
 is exactly DoRA / LoRA on a dense nn.Linear holding dequant(Q) (Liu et al. 2024, §5.6 "QDoRA").
 
 * x W0ᵀ is bitsandbytes' 4-bit matmul (its backward dequantizes again; nothing dense is saved).
-* ||w_n||² (the cached ``weight_sq``, float32) is computed once from a dequantized copy that is
-  dropped at once; W0 is frozen, so it stays valid (the version-counter check of AdapterLayer
-  still recomputes it if the 4-bit tensor is replaced).
-* The per-step norm ||W0 + sBA||_c needs W0 Aᵀ (out, r): one transient dequantization of this
-  layer's weight per step, freed before the layer returns. It never raises the peak: the base
-  product dequantizes the same whole weight (bitsandbytes' CPU kernel always, its CUDA kernel
-  for more than a few rows of input). With norm_grad="exact" the norm is checkpointed, so autograd
-  keeps A and B only and dequantizes once more in backward instead of holding W0 until then.
+* Nothing dense is cached: ||W0 + sBA||_c is summed directly from a dequantized W0 each time.
+* The per-step norm ||W0 + sBA||_c needs W0: one transient dequantization of this layer's weight
+  per step, freed before the layer returns (the norm itself is summed over blocks of rows). It
+  never raises the peak: the base product dequantizes the same whole weight (bitsandbytes' CPU
+  kernel always, its CUDA kernel for more than a few rows of input). With norm_grad="exact" the
+  norm is checkpointed, so autograd keeps A and B only and dequantizes once more in backward
+  instead of holding W0 until then.
 * Merging in place is refused (W' cannot be stored in 4 bits without a second rounding);
   ``dequantize_and_merge`` / ``dk.merge_and_unload`` export a dense nn.Linear holding W'.
 
@@ -121,10 +120,9 @@ class Linear4bitAdapter(AdapterLayer):
         """||W0 + sBA||_c (out,) from a transient dequantization; checkpointed when it carries a gradient."""
         if self.variant == "magnitude" or not (grad and torch.is_grad_enabled()):
             return super()._norm(grad)
-        weight_sq = self._weight_sq()
 
-        def norm(A: Tensor, B: Tensor) -> Tensor:  # W0 Aᵀ's gradient in A needs W0: recomputed in backward
-            return dora_norm(self.weight_2d(), A, B, self.scaling, weight_sq)
+        def norm(A: Tensor, B: Tensor) -> Tensor:  # the norm's gradient needs W0: dequantized again in backward
+            return dora_norm(self.weight_2d(), A, B, self.scaling)
 
         return checkpoint(norm, self.lora_A_2d(), self.lora_B_2d(), use_reentrant=False)
 

@@ -37,6 +37,7 @@ from .data import (
     pad_token_id,
     tokenize_causal,
 )
+from ..adapters.layers import cached_norms
 
 # Paper Table 1 column order, and the column titles it uses.
 TASKS = ("boolq", "piqa", "social_i_qa", "hellaswag", "winogrande", "ARC-Easy", "ARC-Challenge", "openbookqa")
@@ -116,11 +117,12 @@ def accuracy(predictions: Sequence[str], answers: Sequence[str | None]) -> float
 
 @contextmanager
 def inference(model: nn.Module) -> Iterator[None]:
-    """``model.eval()`` and ``torch.no_grad()`` inside; the previous train/eval mode restored after."""
+    """``model.eval()``, ``torch.no_grad()`` and ``dk.cached_norms`` (DoRA norms computed once) inside;
+    the previous train/eval mode restored after."""
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), cached_norms(model):
             yield
     finally:
         model.train(was_training)

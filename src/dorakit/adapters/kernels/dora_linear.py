@@ -126,17 +126,17 @@ def dora_prepare(
     """(the norm as DoRALinearFunction takes it, A, s·A, B, s·B in W0's dtype), without a graph.
 
     "fused": ||W0 + sBA||_c (out,) float32 (float64 for float64 layers) through functional.dora_norm
-    (factored, with the cached ||w||² = ``weight_sq``; None computes it). "triton": one kernel that
-    squares W0 + sBA tile by tile over slices of the input dimension and returns the (S, out)
-    float32 partial sums, which the Function's kernels finish (``weight_sq`` unused, may be None);
-    dora_norm gives the norm itself.
+    (summed directly over blocks of rows). "triton": one kernel that squares W0 + sBA tile by tile
+    over slices of the input dimension and returns the (S, out) float32 partial sums, which the
+    Function's kernels finish; dora_norm gives the norm itself. ``weight_sq`` (||w||², which the
+    factored norm once took) is not read by either; it may be None.
     """
     with torch.no_grad():
         if impl == "triton":
             from .triton_dora import dora_prepare as triton_prepare
 
             return triton_prepare(weight, lora_A, lora_B, scaling)  # sums (w + s·BA)² itself: no ||w||²
-        norm = torch_dora_norm(weight, lora_A, lora_B, scaling, weight_sq)
+        norm = torch_dora_norm(weight, lora_A, lora_B, scaling)
         return (norm, *_copies(lora_A, lora_B, scaling, weight.dtype))
 
 
@@ -180,7 +180,7 @@ def dora_linear(
         x: (..., in) in W0's dtype.
         weight: W0 (out, in), frozen. bias: (out,) or None (may be trainable).
         lora_A: (r, in). lora_B: (out, r). magnitude: m (out,), or None for LoRA.
-        prepared: dora_prepare(weight, lora_A, lora_B, s, ||W0||², impl) for the current A, B
+        prepared: dora_prepare(weight, lora_A, lora_B, s, None, impl) for the current A, B
             (lora_prepare(lora_A, lora_B, s, W0's dtype, impl) for LoRA).
         impl: "fused" (torch ops) or "triton" (DoRA's epilogues; LoRA's products are cuBLAS either way).
     """
@@ -190,7 +190,8 @@ def dora_linear(
 
 
 def dora_norm(
-    weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, weight_sq: Tensor, impl: str = "fused"
+    weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, weight_sq: Tensor | None = None,
+    impl: str = "fused",
 ) -> Tensor:
     """||W0 + sBA||_c (out,) without a graph (see dora_prepare)."""
     if impl == "triton":
@@ -198,4 +199,4 @@ def dora_norm(
 
         return norm_from_partials(dora_prepare(weight, lora_A, lora_B, scaling, weight_sq, impl)[0])
     with torch.no_grad():
-        return torch_dora_norm(weight, lora_A, lora_B, scaling, weight_sq)
+        return torch_dora_norm(weight, lora_A, lora_B, scaling)
