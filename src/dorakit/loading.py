@@ -25,7 +25,7 @@ from .inject import (
     install_adapters,
     plan_adapters,
 )
-from .io import AdapterFiles, read_adapter
+from .io import WEIGHTS_NAME, AdapterFiles, read_adapter
 from .layers import AdapterLayer, Conv1DAdapter, ConvAdapter, EmbeddingAdapter
 from .peft_format import (
     MAGNITUDE,
@@ -116,7 +116,7 @@ def write_tensors(copies: Sequence[tuple[Tensor, Tensor]], rest: Mapping[str, Te
 def _split_keys(tensors: Mapping[str, Tensor], where: str) -> tuple[dict[str, dict[str, Tensor]], dict[str, Tensor]]:
     """Adapter tensors grouped by module ({"A", "B", "m"}) and everything else."""
     groups, rest = group_tensors(tensors, _ADAPTER_KEY, _KIND)
-    check_floating(groups, where)
+    check_floating(groups, where, {v: k for k, v in _KIND.items()})
     for name, group in groups.items():
         if "A" not in group or "B" not in group:
             raise AdapterFileError(f"{where}: module {name!r} has {sorted(group)} but needs both lora_A and lora_B; "
@@ -149,13 +149,15 @@ def _pattern(pattern: Mapping[str, object], name: str, default: object, what: st
     return default
 
 
-def check_floating(groups: Mapping[str, Mapping[str, Tensor]], where: str) -> None:
-    """Adapter tensors are floating point: an integer or bool one would be cast silently."""
+def check_floating(groups: Mapping[str, Mapping[str, Tensor]], where: str, labels: Mapping[str, str]) -> None:
+    """Adapter tensors are floating point: an integer or bool one would be cast silently. ``labels``:
+    kind -> the key's suffix in the file, for the message."""
     for name, group in groups.items():
         for kind, tensor in group.items():
             if not tensor.is_floating_point():
-                raise AdapterFileError(f"{where}: module {name!r}: its {kind!r} tensor has dtype {tensor.dtype}; "
-                                       "adapter tensors must be float16, bfloat16, float32 or float64.")
+                raise AdapterFileError(f"{Path(where) / WEIGHTS_NAME}: tensor {name}.{labels.get(kind, kind)} has dtype "
+                                       f"{tensor.dtype}; adapter tensors must be float16, bfloat16, float32 or "
+                                       "float64 (nothing is cast silently). Re-save the adapter in a floating dtype.")
 
 
 def base_out_in(module: nn.Module) -> tuple[int, int] | None:

@@ -167,7 +167,7 @@ def load_vera_adapter(model: nn.Module, directory: str | os.PathLike) -> Injecti
     fields = read_vera_fields(raw, metadata, where)
     check_same_save(directory, raw, metadata)
     stored = {k: tensors.pop(k) for k in PROJECTION_KEYS if k in tensors}
-    check_floating({"shared": stored}, where)
+    check_floating({"base_model": {k.rpartition(".")[2]: v for k, v in stored.items()}}, where, {})
     if len(stored) == 1 or (fields.save_projection and not stored):
         raise AdapterFileError(f"{where}: save_projection is {fields.save_projection} but the file holds "
                                f"{sorted(stored) or 'neither'} of {list(PROJECTION_KEYS)}; the file is incomplete.")
@@ -202,7 +202,7 @@ def _split_keys(tensors: Mapping[str, Tensor], method: str,
                 where: str) -> tuple[dict[str, dict[str, Tensor]], dict[str, Tensor]]:
     """Adapter tensors grouped by module ({"d", "b"[, "m"]}) and everything else."""
     groups, rest = group_tensors(tensors, _KEY, _KIND)
-    check_floating(groups, where)
+    check_floating(groups, where, {v: k for k, v in _KIND.items()})
     if not groups:
         raise AdapterFileError(f"{where}: the file holds no VeRA tensors (vera_lambda_d / vera_lambda_b).")
     need = {"d", "b", "m"} if method == "dvora" else {"d", "b"}
