@@ -313,7 +313,7 @@ def test_slow_on_average_patterns_are_refused(monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(dk_config, "MATCH_BUDGET_S", 0.0)
     monkeypatch.setattr(dk_config, "SLOW_MATCH_S", 0.0)
     monkeypatch.setattr(dk_config, "_GUARDED", {})
-    with pytest.raises(PatternError, match="'ab+' is refused: it took"):
+    with pytest.raises(PatternError, match=re.escape("'ab+' is refused: it took")):
         regex_fullmatch("ab+", "abb", "targets")
 
 
