@@ -382,3 +382,38 @@ def test_lora_with_a_huge_rank_is_refused_before_allocating(tmp_path: Path, shap
     _edit_config(directory, rank_pattern={"blockX.projX_a": shape[0]})
     _no_building(monkeypatch)
     _refused(directory, "blockX.projX_a", f"lora_A is {shape}", f"needs ({shape[0]}, 6)")
+
+
+# ---- the CLI: one line, exit 2 -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("break_it", ["float8", "bad regex", "fifo"])
+def test_merge_of_a_hostile_adapter_prints_one_line_and_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                                break_it: str) -> None:
+    transformers = pytest.importorskip("transformers")
+    from fixtures_text import word_tokenizer
+
+    from dorakit.cli import main
+    tok = word_tokenizer(tmp_path / "model", ["yes", "no"])
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16,
+                                   bos_token_id=0, eos_token_id=1, pad_token_id=None)
+    model = transformers.LlamaForCausalLM(cfg)
+    model.save_pretrained(tmp_path / "model")
+    dk.apply_adapters(model, dk.AdapterConfig(method="dora", rank=2, targets=["q_proj"]))
+    directory = dk.save_adapter(model, tmp_path / "adapter")
+    if break_it == "float8":
+        _rewrite(directory, lambda t: t.update({k: v.to(torch.float8_e4m3fn) for k, v in t.items()}),
+                 metadata=load_file_metadata(directory))
+    elif break_it == "bad regex":
+        _peft_like(directory)
+        _edit_config(directory, target_modules="(")
+    else:
+        _fifo(directory / CONFIG)
+    code = main(["merge", "--model", str(tmp_path / "model"), "--adapter", str(directory),
+                 "--output", str(tmp_path / "merged")])
+    full = capsys.readouterr().err
+    err = full.splitlines()[-1]  # after transformers' progress bars
+    assert code == 2 and "Traceback" not in full
+    assert err.startswith("dorakit: error: ") and str(directory) in err, err
+    assert not (tmp_path / "merged").exists()
