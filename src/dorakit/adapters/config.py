@@ -5,8 +5,11 @@ from __future__ import annotations
 import math
 import numbers
 import re
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
+
+import regex as regex_engine
 
 from .functional import lora_scaling
 from .kernels import BACKENDS
@@ -40,7 +43,7 @@ def _check_patterns(value: object, what: str, allow_str: bool) -> str | tuple[st
             raise ConfigError(f"{what} must be a list of module-name patterns, got the string {value!r}; "
                               f"write [{value!r}].")
         if value != ALL_LINEAR:
-            _compile(value.removeprefix("re:"), what)
+            check_regex(value.removeprefix("re:"), what)
         return value
     if not isinstance(value, Sequence) or not all(isinstance(p, str) and p for p in value):
         raise ConfigError(f"{what} must be a list of non-empty strings, got {value!r}.")
@@ -49,15 +52,123 @@ def _check_patterns(value: object, what: str, allow_str: bool) -> str | tuple[st
             raise ConfigError(f"{what}: {ALL_LINEAR!r} is a whole-config choice, not a module name; "
                               f"write targets={ALL_LINEAR!r} (a string, not a list).")
         if p.startswith("re:"):
-            _compile(p[3:], what)
+            check_regex(p[3:], what)
     return tuple(value)
 
 
-def _compile(pattern: str, what: str) -> re.Pattern[str]:
+# ---- bounded regular expressions ------------------------------------------------------------------
+# Patterns come from adapter files and flags, so a crafted one must not hang the process: PEFT's
+# re.fullmatch backtracks exponentially on e.g. "(.*.*)*X". Patterns are validated with `re` (what
+# PEFT runs, so the same patterns are valid) and matched with the `regex` engine (same syntax and
+# results for re's patterns) under a time limit.
+
+MATCH_TIMEOUT_S = 1.0
+"""The longest one pattern may take on one module name (normal patterns take microseconds)."""
+MATCH_BUDGET_S = 2.0
+SLOW_MATCH_S = 1e-3
+"""A pattern that has spent MATCH_BUDGET_S in all, at more than SLOW_MATCH_S per name on average, is refused."""
+MAX_EXPANSION = 100_000
+"""Counted repeats (x{1000}) are unrolled when compiled: their unrolled size beyond the pattern's own length is bounded."""
+
+
+class PatternError(ConfigError):
+    """A module-name pattern that is not a valid regular expression, or too costly to compile or match."""
+
+
+@dataclass
+class _Guarded:
+    compiled: regex_engine.Pattern
+    spent: float = 0.0
+    calls: int = 0
+    refused: str | None = None
+
+
+_GUARDED: dict[str, _Guarded] = {}
+
+
+def _unrolled_size(items: object, limit: int) -> int:
+    """Nodes of a parsed pattern once its counted repeats are unrolled (stops counting past ``limit``)."""
+    total = 0
+    for op, av in items:  # type: ignore[attr-defined]
+        kind = str(op)
+        if kind in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT"):
+            low, high, sub = av
+            total += max(1, low if high == re._constants.MAXREPEAT else high) * _unrolled_size(sub, limit)
+        elif kind == "SUBPATTERN":
+            total += _unrolled_size(av[3], limit)
+        elif kind == "BRANCH":
+            total += sum(_unrolled_size(sub, limit) for sub in av[1])
+        elif kind in ("ASSERT", "ASSERT_NOT"):
+            total += _unrolled_size(av[1], limit)
+        elif kind == "ATOMIC_GROUP":
+            total += _unrolled_size(av, limit)
+        elif kind == "GROUPREF_EXISTS":
+            total += _unrolled_size(av[1], limit) + (_unrolled_size(av[2], limit) if av[2] else 0)
+        else:
+            total += 1
+        if total > limit:
+            return total
+    return total
+
+
+def _guarded(pattern: str, what: str) -> _Guarded:
+    found = _GUARDED.get(pattern)
+    if found is not None:
+        return found
     try:
-        return re.compile(pattern)
-    except re.error as e:
-        raise ConfigError(f"{what}: {pattern!r} is not a valid regular expression ({e}).") from None
+        re.compile(pattern)
+        size = _unrolled_size(re._parser.parse(pattern), len(pattern) + MAX_EXPANSION)  # type: ignore[attr-defined]
+    except (re.error, RecursionError, OverflowError) as e:
+        raise PatternError(f"{what}: {pattern!r} is not a valid regular expression ({e}).") from None
+    if size > len(pattern) + MAX_EXPANSION:
+        raise PatternError(f"{what}: {pattern!r} is refused: its counted repeats (x{{n}}) unroll to more than "
+                           f"{MAX_EXPANSION:,} steps; write .* or + instead of large counts.")
+    try:
+        compiled = regex_engine.compile(pattern)
+    except (regex_engine.error, RecursionError, OverflowError) as e:
+        raise PatternError(f"{what}: {pattern!r} cannot be compiled by the bounded matcher ({e}).") from None
+    if len(_GUARDED) >= 1024:
+        _GUARDED.clear()
+    _GUARDED[pattern] = found = _Guarded(compiled)
+    return found
+
+
+def check_regex(pattern: str, what: str) -> None:
+    """Raise PatternError unless ``pattern`` is a valid regular expression (re's syntax) of bounded size."""
+    _guarded(pattern, what)
+
+
+def regex_fullmatch(pattern: str, name: str, what: str, *, whole: bool = True) -> bool:
+    """re.fullmatch(pattern, name) (``whole=False``: re.match), bounded in time.
+
+    Raises:
+        PatternError: the pattern is invalid, or too slow (more than MATCH_TIMEOUT_S on one name, or
+            MATCH_BUDGET_S in all at more than SLOW_MATCH_S per name): it is named in the message.
+    """
+    g = _guarded(pattern, what)
+    if g.refused is not None:
+        raise PatternError(g.refused)
+    start = time.perf_counter()
+    try:
+        found = (g.compiled.fullmatch if whole else g.compiled.match)(name, timeout=MATCH_TIMEOUT_S)
+    except TimeoutError:
+        g.refused = (f"{what}: {pattern!r} is refused: matching it against module name {name!r} took more than "
+                     f"{MATCH_TIMEOUT_S:g} s (nested repeats such as (.*.*)* backtrack exponentially); write a "
+                     "simpler pattern, e.g. '.*\\.(q_proj|v_proj)'.")
+        raise PatternError(g.refused) from None
+    g.spent += time.perf_counter() - start
+    g.calls += 1
+    if g.spent > MATCH_BUDGET_S and g.spent / g.calls > SLOW_MATCH_S:
+        g.refused = (f"{what}: {pattern!r} is refused: it took {g.spent:.1f} s over {g.calls} module names "
+                     f"({1e3 * g.spent / g.calls:.0f} ms each; normal patterns take microseconds); write a simpler "
+                     "pattern, e.g. '.*\\.(q_proj|v_proj)'.")
+        raise PatternError(g.refused)
+    return found is not None
+
+
+def peft_pattern_matches(key: str, name: str, what: str) -> bool:
+    """PEFT's rank_pattern / alpha_pattern rule, bounded: re.match(rf"(.*\\.)?({key})$", name)."""
+    return regex_fullmatch(rf"(.*\.)?({key})$", name, what, whole=False)
 
 
 class FrozenMap(Mapping):
@@ -179,7 +290,7 @@ class AdapterConfig:
             if not isinstance(pattern, Mapping):
                 raise ConfigError(f"{name} must be a mapping from module-name pattern to value, got {pattern!r}.")
             for key in pattern:
-                _compile(rf"(.*\.)?({key})$", name)
+                check_regex(rf"(.*\.)?({key})$", f"{name} key {key!r}")
             # A read-only copy: the caller's later edits don't leak in, and the config stays picklable.
             object.__setattr__(self, name, FrozenMap({k: check(v, f"{name}[{k!r}]") for k, v in pattern.items()}))
         _check_vera(self)
@@ -199,8 +310,8 @@ class AdapterConfig:
 
     def rank_alpha_for(self, module_name: str) -> tuple[int, float]:
         """(rank, alpha) for one module, after rank_pattern / alpha_pattern overrides."""
-        return (_pattern_value(self.rank_pattern, module_name, self.rank),
-                float(_pattern_value(self.alpha_pattern, module_name, self.alpha)))
+        return (_pattern_value(self.rank_pattern, module_name, self.rank, "rank_pattern"),
+                float(_pattern_value(self.alpha_pattern, module_name, self.alpha, "alpha_pattern")))
 
 
 def _check_vera(cfg: AdapterConfig) -> None:
@@ -225,8 +336,8 @@ def _check_vera(cfg: AdapterConfig) -> None:
         raise ConfigError(f"backend={cfg.backend!r}: method={cfg.method!r} runs on the eager path only; use 'auto'.")
 
 
-def _pattern_value(pattern: Mapping[str, float], module_name: str, default: float) -> float:
+def _pattern_value(pattern: Mapping[str, float], module_name: str, default: float, what: str) -> float:
     for key, value in pattern.items():
-        if re.match(rf"(.*\.)?({key})$", module_name):
+        if peft_pattern_matches(key, module_name, f"{what} key {key!r}"):
             return value
     return default

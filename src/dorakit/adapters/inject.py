@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .config import ALL_LINEAR, AdapterConfig
+from .config import ALL_LINEAR, AdapterConfig, regex_fullmatch
 from .layers import (
     AdapterLayer,
     AdapterStateError,
@@ -66,10 +66,12 @@ def adapter_class(module: nn.Module) -> type[AdapterLayer] | None:
     return None
 
 
-def pattern_matches(name: str, pattern: str) -> bool:
-    """One list item of a target pattern (see AdapterConfig) against a dotted module name."""
+def pattern_matches(name: str, pattern: str, what: str = "pattern") -> bool:
+    """One list item of a target pattern (see AdapterConfig) against a dotted module name.
+
+    A "re:" pattern is matched in bounded time (config.regex_fullmatch): one too slow raises PatternError."""
     if pattern.startswith("re:"):
-        return re.fullmatch(pattern[3:], name) is not None
+        return regex_fullmatch(pattern[3:], name, what)
     if any(c in pattern for c in "*?["):
         return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, "*." + pattern)
     return name == pattern or name.endswith("." + pattern)
@@ -131,7 +133,7 @@ def _all_linear(model: nn.Module, cfg: AdapterConfig) -> list[str]:
     for name, module in modules.items():
         parent = modules[name.rpartition(".")[0]] if "." in name else model
         if (not name or module is head or name.rpartition(".")[2] in HEAD_NAMES
-                or any(pattern_matches(name, p) for p in cfg.modules_to_save)
+                or any(pattern_matches(name, p, "modules_to_save") for p in cfg.modules_to_save)
                 or isinstance(parent, nn.MultiheadAttention)):
             continue
         if _plain(module, nn.Linear) or _is_hf_conv1d(module) or is_linear4bit(module):
@@ -151,7 +153,7 @@ def _select(model: nn.Module, cfg: AdapterConfig) -> dict[str, Variant]:
                               "name the modules to adapt, e.g. targets=['query', 'value'].")
     elif isinstance(cfg.targets, str):
         regex = cfg.targets.removeprefix("re:")
-        chosen = {n: cfg.method for n in names if re.fullmatch(regex, n)}  # type: ignore[misc]
+        chosen = {n: cfg.method for n in names if regex_fullmatch(regex, n, "targets")}  # type: ignore[misc]
         if not chosen:
             hint = (f" A single string is a regex over the whole dotted name; for a module-name suffix write "
                     f"targets=[{cfg.targets!r}]." if re.fullmatch(r"[\w.]+", cfg.targets) else "")
@@ -180,7 +182,7 @@ def _select(model: nn.Module, cfg: AdapterConfig) -> dict[str, Variant]:
 def _match_list(patterns: tuple[str, ...], names: list[str], field: str, variant: Variant) -> dict[str, Variant]:
     chosen: dict[str, Variant] = {}
     for pattern in patterns:
-        hits = [n for n in names if pattern_matches(n, pattern)]
+        hits = [n for n in names if pattern_matches(n, pattern, field)]
         if not hits:
             raise TargetError(f"{field} pattern {pattern!r} matches no module.{_close(pattern, names)}")
         chosen.update(dict.fromkeys(hits, variant))

@@ -463,7 +463,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         run: Callable[[argparse.Namespace], int] = args.run
         return run(args)
     except expected as e:
-        print(f"dorakit: error: {e}", file=sys.stderr)
+        one_line = " ".join(part.strip() for part in str(e).splitlines() if part.strip())  # e.g. a library's message
+        print(f"dorakit: error: {one_line}", file=sys.stderr)
         return EXIT_USAGE
     except OSError as e:
         if e.errno not in DISK_FULL:

@@ -10,9 +10,10 @@ name and renamed into place, so an interrupted save never leaves a half-written 
 
 from __future__ import annotations
 
+import io
 import json
 import os
-import pickle
+import stat
 import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from .peft_format import (
     PeftFields,
     adapter_keys,
     is_embedding_name,
+    load_json,
     peft_config_dict,
     peft_magnitude_shape,
     read_peft_fields,
@@ -51,6 +53,71 @@ PICKLE_NAME = "adapter_model.bin"
 # so that a config from another save (e.g. an interrupted overwrite) is caught on load.
 BOUND_FIELDS = ("r", "lora_alpha", "use_dora", "use_rslora", "target_modules", "rank_pattern", "alpha_pattern",
                 "bias", "modules_to_save")
+
+
+CONFIG_MAX_BYTES = 16 * 2**20
+"""adapter_config.json's size limit: a full-name target_modules of a 50k-module model is ~3 MB."""
+SAFETENSORS_HEADER_MAX = 100_000_000
+"""The safetensors library's own limit on a file's JSON header."""
+FLOAT_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
+"""The dtypes adapter tensors are made of (safetensors' names)."""
+BUFFER_DTYPES = {"I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+"""Allowed too, for buffers of modules_to_save (e.g. BatchNorm's num_batches_tracked); loading checks each
+against the model's tensor."""
+
+
+class FileReadError(ValueError):
+    """A file that dorakit will not read: missing, not a regular file, or over its size limit."""
+
+
+def _kind(mode: int) -> str:
+    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character "
+             "device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+    return next((name for test, name in kinds if test(mode)), "not a regular file")
+
+
+def read_regular_file(path: str | os.PathLike, max_bytes: int | None, what: str, *,
+                      error: type[Exception] = FileReadError) -> bytes:
+    """The bytes of ``path``, which must be a regular file (after symlinks) of at most ``max_bytes``
+    (None: any size; the read still stops at the size the file had when opened).
+
+    The file is opened with O_NONBLOCK and checked with fstat on the open descriptor, so a FIFO,
+    device or directory in its place is refused without blocking, and cannot be swapped in between
+    the check and the read. Raises ``error`` (a subclass of Exception taking one message) naming
+    the path and ``what`` (e.g. "adapter_config.json", "--data file").
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise error(f"{path}: {what} is missing (no such file).") from None
+    except OSError as e:
+        raise error(f"{path}: cannot open {what} ({e.strerror}).") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            link = f" (a symlink to {os.path.realpath(path)})" if os.path.islink(path) else ""
+            raise error(f"{path}{link}: {what} is {_kind(info.st_mode)}, not a regular file; dorakit reads only "
+                        "regular files.")
+        if max_bytes is not None and info.st_size > max_bytes:
+            raise error(f"{path}: {what} is {info.st_size:,} bytes, over its {max_bytes:,}-byte limit; it is not "
+                        f"a {what} or is corrupt.")
+        size = info.st_size
+        chunks, got = [], 0
+        while got <= size:  # one byte past the size tells whether the file grew while being read
+            chunk = os.read(fd, min(size + 1 - got, 1 << 26))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            got += len(chunk)
+        if got != size:
+            raise error(f"{path}: {what} changed size while being read ({size:,} bytes, then {got:,}{'+' * (got > size)}"
+                        "); read it when nothing is writing it.")
+        return b"".join(chunks)
+    except OSError as e:
+        raise error(f"{path}: cannot read {what} ({e.strerror}).") from None
+    finally:
+        os.close(fd)
 
 
 def _umask() -> int:
@@ -271,44 +338,83 @@ class AdapterFiles:
 
 def read_adapter_files(directory: str | os.PathLike) -> tuple[dict[str, object], dict[str, Tensor], dict[str, str]]:
     """(config JSON, tensors, safetensors metadata) of an adapter directory, after the file-level checks
-    every adapter type shares: both files present (a pickled .bin is refused), valid JSON, a readable
-    safetensors file, finite tensors. The caller checks its fields, then check_same_save."""
+    every adapter type shares: both files regular files (a pickled .bin is refused), the config valid
+    JSON under CONFIG_MAX_BYTES, a consistent safetensors file of floating tensors (BUFFER_DTYPES
+    aside), all finite. The caller checks its fields, then check_same_save."""
     path = Path(directory)
     if not path.is_dir():
         raise AdapterFileError(f"{path}: no such adapter directory (expected {CONFIG_NAME} and {WEIGHTS_NAME}).")
     cfg_path, weights_path = path / CONFIG_NAME, path / WEIGHTS_NAME
-    if not weights_path.is_file():
-        if (path / PICKLE_NAME).is_file():
+    if not os.path.lexists(weights_path):
+        if os.path.lexists(path / PICKLE_NAME):
             raise AdapterFileError(f"{path / PICKLE_NAME}: dorakit never unpickles adapter files. Convert it once "
                                    f"with dk.convert_bin_adapter({str(path)!r}), which reads it with "
                                    f"torch.load(weights_only=True) and writes {WEIGHTS_NAME}.")
         raise AdapterFileError(f"{weights_path}: missing; an adapter directory needs {CONFIG_NAME} and {WEIGHTS_NAME}.")
-    if not cfg_path.is_file():
+    if not os.path.lexists(cfg_path):
         raise AdapterFileError(f"{cfg_path}: missing; an adapter directory needs {CONFIG_NAME} and {WEIGHTS_NAME}.")
-    try:
-        raw = json.loads(cfg_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterFileError(f"{cfg_path}: not valid JSON ({e}); the file is truncated or corrupt.") from None
-    if not isinstance(raw, dict):
-        raise AdapterFileError(f"{cfg_path}: expected a JSON object, got {type(raw).__name__}.")
-    data = weights_path.read_bytes()
-    try:
-        tensors = load_safetensors_bytes(data)
-        metadata = _safetensors_metadata(data)
-    except (SafetensorError, ValueError, RuntimeError) as e:
-        raise AdapterFileError(f"{weights_path}: not a readable safetensors file ({e}); it is truncated or corrupt. "
-                               "Save or download it again.") from None
+    raw = read_config_json(cfg_path)
+    tensors, metadata = read_safetensors(weights_path)
     for key, value in tensors.items():
         if value.is_floating_point() and not torch.isfinite(value).all():
             raise AdapterFileError(f"{weights_path}: tensor {key!r} holds NaN or Inf; the adapter is corrupt.")
     return raw, tensors, metadata
 
 
+def read_config_json(path: Path) -> dict[str, object]:
+    """adapter_config.json, read as a bounded regular file; a JSON object or AdapterFileError."""
+    raw = load_json(read_regular_file(path, CONFIG_MAX_BYTES, CONFIG_NAME, error=AdapterFileError), str(path))
+    if not isinstance(raw, dict):
+        raise AdapterFileError(f"{path}: expected a JSON object, got {type(raw).__name__}.")
+    return raw
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """(tensors, metadata) of a safetensors file, its header checked before any tensor is built:
+    bounded, a JSON object, every tensor's dtype in FLOAT_DTYPES or BUFFER_DTYPES (named if not)."""
+    data = read_regular_file(path, None, WEIGHTS_NAME, error=AdapterFileError)
+    corrupt = "it is truncated or corrupt. Save or download it again."
+    size = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
+    if not 0 < size <= min(SAFETENSORS_HEADER_MAX, len(data) - 8):
+        raise AdapterFileError(f"{path}: not a readable safetensors file (header length {size} for a file of "
+                               f"{len(data)} bytes); {corrupt}")
+    header = load_json(data[8:8 + size], str(path), "safetensors header")
+    if not isinstance(header, dict):
+        raise AdapterFileError(f"{path}: not a readable safetensors file (the header is not a JSON object); {corrupt}")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise AdapterFileError(f"{path}: the safetensors __metadata__ must map names to strings; {corrupt}")
+    for key, entry in header.items():
+        dtype = entry.get("dtype") if isinstance(entry, dict) else None
+        if dtype not in FLOAT_DTYPES and dtype not in BUFFER_DTYPES:
+            allowed = ", ".join(FLOAT_DTYPES.values())
+            raise AdapterFileError(f"{path}: tensor {key!r} has dtype {dtype!r}; adapter tensors must be {allowed} "
+                                   "(integer and bool only for buffers of modules_to_save). Nothing is cast silently: "
+                                   "re-save the adapter in a floating dtype.")
+    try:
+        tensors = load_safetensors_bytes(data)
+    except (SafetensorError, ValueError, RuntimeError, TypeError, OverflowError) as e:
+        raise AdapterFileError(f"{path}: not a readable safetensors file ({e}); {corrupt}") from None
+    return tensors, metadata
+
+
+def metadata_json(metadata: Mapping[str, str], key: str, where: str, kind: type = dict) -> object | None:
+    """One of dorakit's JSON entries in the safetensors metadata, parsed and of type ``kind``; None if absent."""
+    if key not in metadata:
+        return None
+    value = load_json(metadata[key], where, f"metadata {key!r}")
+    if not isinstance(value, kind):
+        raise AdapterFileError(f"{where}: metadata {key!r} must be a JSON {kind.__name__}, got "
+                               f"{type(value).__name__}; the file is corrupt or was edited by hand.")
+    return value
+
+
 def check_same_save(directory: str | os.PathLike, raw: Mapping[str, object], metadata: Mapping[str, str]) -> None:
     """The config fields the weights depend on (copied into the safetensors metadata by save_adapter)
     must be unchanged: otherwise the two files come from different saves."""
     path = Path(directory)
-    for key, value in json.loads(metadata.get("dorakit_peft_fields", "{}")).items():
+    bound = metadata_json(metadata, "dorakit_peft_fields", str(path / WEIGHTS_NAME)) or {}
+    for key, value in bound.items():  # type: ignore[attr-defined]
         if raw.get(key) != value:
             raise AdapterFileError(f"{path / CONFIG_NAME} and {path / WEIGHTS_NAME} come from different saves: "
                                    f"{key} is {raw.get(key)!r} in the config but {value!r} when the weights were "
@@ -321,18 +427,12 @@ def read_adapter(directory: str | os.PathLike) -> AdapterFiles:
     where = str(Path(directory) / CONFIG_NAME)
     fields = read_peft_fields(raw, where)
     check_same_save(directory, raw, metadata)
-    variants = json.loads(metadata["dorakit_variants"]) if "dorakit_variants" in metadata else None
-    dk_cfg = json.loads(metadata["dorakit_config"]) if "dorakit_config" in metadata else None
-    return AdapterFiles(fields, strip_prefix(tensors, str(Path(directory) / WEIGHTS_NAME)), variants, dk_cfg)
-
-
-def _safetensors_metadata(data: bytes) -> dict[str, str]:
-    """The ``__metadata__`` of a safetensors blob (its JSON header)."""
-    if len(data) < 8:
-        raise ValueError("file shorter than the 8-byte header length")
-    size = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8:8 + size])
-    return dict(header.get("__metadata__") or {})
+    weights = str(Path(directory) / WEIGHTS_NAME)
+    variants = metadata_json(metadata, "dorakit_variants", weights)
+    if variants is not None and not all(isinstance(v, str) for v in variants.values()):  # type: ignore[attr-defined]
+        raise AdapterFileError(f"{weights}: metadata 'dorakit_variants' must map module names to variant names.")
+    dk_cfg = metadata_json(metadata, "dorakit_config", weights)
+    return AdapterFiles(fields, strip_prefix(tensors, weights), variants, dk_cfg)  # type: ignore[arg-type]
 
 
 def convert_bin_adapter(directory: str | os.PathLike) -> Path:
@@ -345,17 +445,22 @@ def convert_bin_adapter(directory: str | os.PathLike) -> Path:
     src, dst = path / PICKLE_NAME, path / WEIGHTS_NAME
     if dst.exists():
         raise FileExistsError(f"{dst} already exists; delete it first if you mean to replace it with {src.name}.")
-    if not src.is_file():
+    if not os.path.lexists(src):
         raise AdapterFileError(f"{src}: missing; nothing to convert.")
+    data = read_regular_file(src, None, PICKLE_NAME, error=AdapterFileError)
     try:
-        state = torch.load(src, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - whatever a crafted pickle makes torch.load raise, the file is refused
         detail = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line), type(e).__name__)
         raise AdapterFileError(f"{src}: refused: torch.load(weights_only=True) cannot read it ({detail}); it holds "
                                "pickled objects other than tensors, or is corrupt. dorakit never unpickles those: "
                                f"re-save the adapter as {WEIGHTS_NAME} with the tool that wrote it.") from None
-    if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
+    if not isinstance(state, Mapping) or not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state.items()):
         raise AdapterFileError(f"{src}: expected a flat dict of tensors, got {type(state).__name__}.")
-    atomic_write_bytes(dst, save_safetensors_bytes({k: v.contiguous() for k, v in state.items()}, {"format": "pt"}))
+    try:
+        blob = save_safetensors_bytes({k: v.contiguous() for k, v in state.items()}, {"format": "pt"})
+    except (ValueError, RuntimeError, TypeError) as e:
+        raise AdapterFileError(f"{src}: its tensors cannot be written as safetensors ({e}).") from None
+    atomic_write_bytes(dst, blob)
     return dst
 

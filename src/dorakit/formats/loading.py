@@ -6,6 +6,7 @@ adapters are built off-model (inject.plan_adapters), filled, then swapped in.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
@@ -14,17 +15,18 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..adapters.config import AdapterConfig
+from ..adapters.config import AdapterConfig, PatternError, peft_pattern_matches
 from ..adapters.inject import (
     AdapterPlan,
     InjectionReport,
+    adapter_class,
     adapter_config,
     adapter_layers,
     install_adapters,
     plan_adapters,
 )
-from .io import AdapterFiles, embedding_modules, read_adapter
-from ..adapters.layers import AdapterLayer
+from .io import WEIGHTS_NAME, AdapterFiles, embedding_modules, read_adapter
+from ..adapters.layers import AdapterLayer, Conv1DAdapter, ConvAdapter, EmbeddingAdapter
 from .peft_format import (
     MAGNITUDE,
     AdapterFileError,
@@ -63,6 +65,10 @@ def load_lora_adapter(model: nn.Module, directory: str | os.PathLike) -> Injecti
         layers = existing
     else:
         cfg = _config_for(model, files, groups, where)
+        # The base tensors (bias, modules_to_save, embedding weights) are shape-checked first, allocating
+        # nothing: a resized vocabulary is then reported as such, with its fix, not as an adapter shape.
+        extra_targets(model, files.fields.bias, files.fields.modules_to_save, rest, set(groups), where)
+        check_sizes(model, groups, _variants(files, groups, where), where)  # before anything is allocated
         try:
             plan = plan_adapters(model, cfg)
         except (ValueError, TypeError, RuntimeError) as e:
@@ -107,6 +113,7 @@ def write_tensors(copies: Sequence[tuple[Tensor, Tensor]], rest: Mapping[str, Te
 def _split_keys(tensors: Mapping[str, Tensor], where: str) -> tuple[dict[str, dict[str, Tensor]], dict[str, Tensor]]:
     """Adapter tensors grouped by module ({"A", "B", "m"}) and everything else."""
     groups, rest = group_tensors(tensors, _ADAPTER_KEY, _KIND)
+    check_floating(groups, where, {v: k for k, v in _KIND.items()})
     for name, group in groups.items():
         if "A" not in group or "B" not in group:
             raise AdapterFileError(f"{where}: module {name!r} has {sorted(group)} but needs both lora_A and lora_B; "
@@ -130,16 +137,81 @@ def _variants(files: AdapterFiles, groups: Mapping[str, Mapping[str, Tensor]], w
     return variants
 
 
-def _pattern(pattern: Mapping[str, object], name: str, default: object) -> object:
-    """PEFT's rank_pattern / alpha_pattern lookup: the first key k with re.match(rf"(.*\\.)?({k})$", name)."""
+def _pattern(pattern: Mapping[str, object], name: str, default: object, what: str) -> object:
+    """PEFT's rank_pattern / alpha_pattern lookup: the first key k with re.match(rf"(.*\\.)?({k})$", name),
+    in bounded time (config.peft_pattern_matches)."""
     for key, value in pattern.items():
-        if re.match(rf"(.*\.)?({key})$", name):
+        if peft_pattern_matches(key, name, f"{what} key {key!r}"):
             return value
     return default
 
 
+def check_floating(groups: Mapping[str, Mapping[str, Tensor]], where: str, labels: Mapping[str, str]) -> None:
+    """Adapter tensors are floating point: an integer or bool one would be cast silently. ``labels``:
+    kind -> the key's suffix in the file, for the message."""
+    for name, group in groups.items():
+        for kind, tensor in group.items():
+            if not tensor.is_floating_point():
+                raise AdapterFileError(f"{Path(where) / WEIGHTS_NAME}: tensor {name}.{labels.get(kind, kind)} has dtype "
+                                       f"{tensor.dtype}; adapter tensors must be float16, bfloat16, float32 or "
+                                       "float64 (nothing is cast silently). Re-save the adapter in a floating dtype.")
+
+
+def base_out_in(module: nn.Module) -> tuple[int, int] | None:
+    """(out, in) of the (out, in) view an adapter of ``module`` uses, from sizes alone (nothing computed or
+    allocated); None if dorakit cannot adapt it."""
+    cls = adapter_class(module)
+    if cls is None:
+        return None
+    if issubclass(cls, EmbeddingAdapter):
+        return module.embedding_dim, module.num_embeddings
+    if issubclass(cls, Conv1DAdapter):
+        return module.weight.shape[1], module.weight.shape[0]
+    if issubclass(cls, ConvAdapter):
+        return module.weight.shape[0], math.prod(module.weight.shape[1:])
+    return module.out_features, module.in_features  # nn.Linear, bitsandbytes Linear4bit
+
+
+def _planned_shapes(module: nn.Module, rank: int, variant: str) -> dict[str, tuple[int, ...]] | None:
+    """The file's tensor shapes that an adapter of ``rank`` on ``module`` takes (as the layer classes'
+    _lora_A_shape / _lora_B_shape and peft_magnitude_shape), from sizes alone; None: not adaptable."""
+    out_in = base_out_in(module)
+    if out_in is None:
+        return None
+    out, inp = out_in
+    a, b, m = (rank, inp), (out, rank), (out,)
+    if issubclass(adapter_class(module), ConvAdapter):  # type: ignore[arg-type]
+        kernel = tuple(module.weight.shape[2:])
+        a, b, m = (rank, *module.weight.shape[1:]), (out, rank) + (1,) * len(kernel), (1, out) + (1,) * len(kernel)
+    return {"m": m} if variant == "magnitude" else ({"A": a, "B": b, "m": m} if variant == "dora" else {"A": a, "B": b})
+
+
+def check_sizes(model: nn.Module, groups: Mapping[str, Mapping[str, Tensor]], variants: Mapping[str, str],
+                where: str) -> None:
+    """The file's tensors have the shapes of the adapters about to be built (rank = lora_A's rows, which
+    _config_for matched to the config): checked from sizes before anything is allocated, so a small file
+    cannot make dorakit allocate a huge adapter (memory amplification)."""
+    for name, module in model.named_modules():  # model order, as the checks after building
+        group = groups.get(name)
+        if group is None:
+            continue
+        rank = group["A"].shape[0] if group["A"].dim() else 0
+        shapes = _planned_shapes(module, rank, variants[name])
+        for kind, shape in (shapes or {}).items():  # None: plan_adapters names the module it cannot adapt
+            got = tuple(group[kind].shape)
+            if got != shape:
+                label = {"A": "lora_A", "B": "lora_B", "m": MAGNITUDE}[kind]
+                raise AdapterFileError(f"{where}: module {name!r}: {label} is {got} in the file but this model's "
+                                       f"{type(module).__name__} needs {shape}; the adapter was made for a different "
+                                       "base model.")
+
+
 def _file_rank_alpha(fields: PeftFields, name: str, where: str) -> tuple[int, float]:
-    rank, alpha = _pattern(fields.rank_pattern, name, fields.rank), _pattern(fields.alpha_pattern, name, fields.alpha)
+    try:
+        rank = _pattern(fields.rank_pattern, name, fields.rank, "rank_pattern")
+        alpha = _pattern(fields.alpha_pattern, name, fields.alpha, "alpha_pattern")
+    except PatternError as e:
+        raise AdapterFileError(f"{where}: {e}") from None
     if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0 or isinstance(alpha, bool) \
             or not isinstance(alpha, (int, float)) or alpha <= 0:
         raise AdapterFileError(f"{where}: module {name!r}: rank {rank!r} / alpha {alpha!r} from the config are invalid.")
@@ -157,7 +229,10 @@ def check_file_modules(model: nn.Module, modules_in_file: Iterable[str], target_
         raise AdapterFileError(f"{where}: this adapter is for a different base model: it has tensors for module "
                                f"{missing[0]!r} ({len(missing)} missing in all), which this model lacks.")
     if target_modules != "all-linear":
-        stray = sorted(n for n in modules_in_file if not peft_target_matches(n, target_modules))
+        try:
+            stray = sorted(n for n in modules_in_file if not peft_target_matches(n, target_modules))
+        except PatternError as e:
+            raise AdapterFileError(f"{where}: {e}") from None
         if stray:
             raise AdapterFileError(f"{where}: the file holds tensors for {stray[0]!r}, which target_modules "
                                    f"{target_modules!r} does not select; the config and the weights disagree.")
@@ -300,6 +375,9 @@ def extra_targets(model: nn.Module, bias: str, modules_to_save: Sequence[str], r
         if dst is None:
             raise AdapterFileError(f"{where}: tensor {key!r} has no counterpart in this model; the adapter was made "
                                    "for a different base model.")
+        if value.is_floating_point() != dst.is_floating_point() or not (dst.is_floating_point() or dst.dtype == value.dtype):
+            raise AdapterFileError(f"{where}: tensor {key!r} has dtype {value.dtype} in the file but {dst.dtype} in this "
+                                   "model; nothing is cast silently: re-save the adapter from a matching model.")
         if dst.shape != value.shape:
             hint = _resize_hint(value, dst) if is_embedding else "the adapter was made for a different base model."
             raise AdapterFileError(f"{where}: tensor {key!r} is {tuple(value.shape)} in the file but "

@@ -18,13 +18,15 @@ Nothing here touches a model; ``io.py`` does the reading, checking and writing.
 
 from __future__ import annotations
 
+import json
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from torch import Tensor
 
-from ..adapters.config import AdapterConfig
+from ..adapters.config import AdapterConfig, PatternError, check_regex, regex_fullmatch
 from ..adapters.layers import AdapterLayer, Conv1DAdapter, ConvAdapter, EmbeddingAdapter
 
 PREFIX = "base_model.model."
@@ -78,10 +80,10 @@ def exact_name_list(names: Sequence[str], all_names: Sequence[str]) -> list[str]
 
 
 def peft_target_matches(name: str, target_modules: str | Sequence[str]) -> bool:
-    """PEFT's rule: a string is a regex matched against the whole name; a list item matches the
-    name exactly or as a dotted suffix."""
+    """PEFT's rule: a string is a regex matched against the whole name (in bounded time: a pattern too
+    slow to match raises config.PatternError); a list item matches the name exactly or as a dotted suffix."""
     if isinstance(target_modules, str):
-        return re.fullmatch(target_modules, name) is not None
+        return regex_fullmatch(target_modules, name, "target_modules")
     return name in target_modules or any(name.endswith("." + t) for t in target_modules)
 
 
@@ -141,6 +143,43 @@ class PeftFields:
     init: str
 
 
+def _no_constant(name: str) -> object:
+    raise ValueError(f"{name} is not valid JSON (JSON has no NaN or Infinity)")
+
+
+def load_json(text: str | bytes, where: str, what: str = "") -> object:
+    """json.loads that raises AdapterFileError naming ``where`` (and the field ``what``) for anything
+    that is not plain JSON: a syntax error, bytes that are not UTF-8, NaN / Infinity, nesting too deep."""
+    label = f"{where}: {what}" if what else where
+    try:
+        return json.loads(text, parse_constant=_no_constant)
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, huge integers and bad bytes are ValueErrors
+        raise AdapterFileError(f"{label}: not valid JSON ({e}); the file is truncated or corrupt.") from None
+    except RecursionError:
+        raise AdapterFileError(f"{label}: JSON nested too deeply to be an adapter file; the file is corrupt.") from None
+
+
+def check_patterns(raw: Mapping[str, object], targets: str | tuple[str, ...], where: str) -> None:
+    """target_modules (when a regex), rank_pattern and alpha_pattern keys are valid, bounded regexes
+    and the patterns' values are positive numbers (ranks: integers)."""
+    try:
+        if isinstance(targets, str) and targets != "all-linear":
+            check_regex(targets, "target_modules")
+        for field in ("rank_pattern", "alpha_pattern"):
+            pattern = raw.get(field) or {}
+            if not isinstance(pattern, dict):
+                raise AdapterFileError(f"{where}: {field} must be a JSON object of pattern -> value, got {pattern!r}.")
+            for key, value in pattern.items():
+                check_regex(rf"(.*\.)?({key})$", f"{field} key {key!r}")
+                kind = int if field == "rank_pattern" else (int, float)
+                if isinstance(value, bool) or not isinstance(value, kind) or value <= 0 \
+                        or not (isinstance(value, int) or math.isfinite(value)):
+                    raise AdapterFileError(f"{where}: {field}[{key!r}] must be a positive "
+                                           f"{'integer' if kind is int else 'number'}, got {value!r}.")
+    except PatternError as e:
+        raise AdapterFileError(f"{where}: {e}") from None
+
+
 def _field(raw: Mapping[str, object], key: str, types: type | tuple[type, ...], default: object, where: str) -> object:
     value = raw.get(key, default)
     if value is None and default is None:
@@ -150,6 +189,9 @@ def _field(raw: Mapping[str, object], key: str, types: type | tuple[type, ...], 
     if not isinstance(value, types):
         raise AdapterFileError(f"{where}: {key!r} has the wrong type ({type(value).__name__}: {value!r}); "
                                "the file is not a PEFT LoRA config or was edited by hand.")
+    if isinstance(value, int) and float in (types if isinstance(types, tuple) else (types,)) \
+            and abs(value) > 2**1000:
+        raise AdapterFileError(f"{where}: {key!r} is {value}, too large for a float.")
     return value
 
 
@@ -174,6 +216,7 @@ def read_peft_fields(raw: Mapping[str, object], where: str) -> PeftFields:
     elif not isinstance(targets, str) or not targets:
         raise AdapterFileError(f"{where}: target_modules must be a non-empty list of names or a regex string, "
                                f"got {targets!r}.")
+    check_patterns(raw, targets, where)
     init = raw.get("init_lora_weights", True)
     to_save = _field(raw, "modules_to_save", list, None, where) or []
     if not all(isinstance(m, str) for m in to_save):

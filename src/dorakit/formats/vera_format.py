@@ -21,11 +21,10 @@ Nothing here touches a model or a file; vera_io.py does the reading, checking an
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .peft_format import AdapterFileError
+from .peft_format import AdapterFileError, check_patterns, load_json
 
 PEFT_TYPES = {"vera": "VERA", "dvora": "DVORA"}
 DVORA_FORMAT = 1
@@ -63,6 +62,8 @@ def _get(raw: Mapping[str, object], key: str, types: type | tuple[type, ...], de
     if isinstance(value, bool) != (types is bool) or not isinstance(value, types):
         raise AdapterFileError(f"{where}: {key!r} has the wrong type ({type(value).__name__}: {value!r}); the file "
                                "is not a VeRA / DVoRA config or was edited by hand.")
+    if isinstance(value, int) and types == (int, float) and abs(value) > 2**1000:
+        raise AdapterFileError(f"{where}: {key!r} is {value}, too large for a float.")
     return value
 
 
@@ -91,7 +92,8 @@ def read_vera_fields(raw: Mapping[str, object], metadata: Mapping[str, str], whe
     to_save = raw.get("modules_to_save") or []
     if not isinstance(to_save, list) or not all(isinstance(m, str) for m in to_save):
         raise AdapterFileError(f"{where}: modules_to_save must be a list of module names, got {to_save!r}.")
-    projections = json.loads(metadata["dorakit_projections"]) if "dorakit_projections" in metadata else None
+    check_patterns({}, targets, where)
+    projections = _metadata(metadata, "dorakit_projections", where)
     if method == "dvora":
         if raw.get("dorakit_format") != DVORA_FORMAT:
             raise AdapterFileError(f"{where}: dorakit_format is {raw.get('dorakit_format')!r}; this dorakit reads "
@@ -99,10 +101,34 @@ def read_vera_fields(raw: Mapping[str, object], metadata: Mapping[str, str], whe
         projections = {"vera_A_shape": _get(raw, "vera_A_shape", list, None, where),
                        "vera_B_shape": _get(raw, "vera_B_shape", list, None, where),
                        "sha256": _get(raw, "projection_sha256", str, None, where)}
-    dk_cfg = json.loads(metadata["dorakit_config"]) if "dorakit_config" in metadata else None
+    if projections is not None:
+        _check_projection_info(projections, where)
+    dk_cfg = _metadata(metadata, "dorakit_config", where)
     return VeraFields(
         method=method, rank=rank, seed=_get(raw, "projection_prng_key", int, 0, where),
         save_projection=_get(raw, "save_projection", bool, True, where),
         dropout=float(_get(raw, "vera_dropout", (int, float), 0.0, where)),
         d_initial=float(_get(raw, "d_initial", (int, float), 0.1, where)), bias=bias, target_modules=targets,
         modules_to_save=tuple(to_save), projections=projections, dorakit_config=dk_cfg)
+
+
+def _metadata(metadata: Mapping[str, str], key: str, where: str) -> dict[str, object] | None:
+    """A JSON object from the safetensors metadata (dorakit's entries), or None when absent."""
+    if key not in metadata:
+        return None
+    value = load_json(metadata[key], where, f"metadata {key!r}")
+    if not isinstance(value, dict):
+        raise AdapterFileError(f"{where}: metadata {key!r} must be a JSON object, got {type(value).__name__}; the "
+                               "file is corrupt or was edited by hand.")
+    return value
+
+
+def _check_projection_info(info: Mapping[str, object], where: str) -> None:
+    """vera_A_shape / vera_B_shape: two positive integers each; sha256: a string (when present)."""
+    for key in ("vera_A_shape", "vera_B_shape"):
+        shape = info.get(key)
+        if not isinstance(shape, list) or len(shape) != 2 or not all(
+                isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape):
+            raise AdapterFileError(f"{where}: {key} must be a list of two positive integers, got {shape!r}.")
+    if not isinstance(info.get("sha256"), (str, type(None))):
+        raise AdapterFileError(f"{where}: the projections' sha256 must be a string, got {info.get('sha256')!r}.")

@@ -37,10 +37,13 @@ from .io import (
     check_same_save,
     extra_state_dict,
     read_adapter_files,
+    read_config_json,
 )
 from .loading import (
     _peft_modules_to_save,
+    base_out_in,
     check_file_modules,
+    check_floating,
     check_same_modules,
     extra_targets,
     group_tensors,
@@ -139,8 +142,8 @@ def is_vera_adapter(model: nn.Module, directory: str | os.PathLike) -> bool:
     if any(isinstance(layer, VeraAdapter) for _, layer in adapter_layers(model)):
         return True
     try:
-        raw = json.loads((Path(directory) / CONFIG_NAME).read_text())
-    except (OSError, ValueError):
+        raw = read_config_json(Path(directory) / CONFIG_NAME)
+    except AdapterFileError:
         return False  # io.read_adapter reports it
     return isinstance(raw, dict) and raw.get("peft_type") in PEFT_TYPES.values()
 
@@ -164,6 +167,7 @@ def load_vera_adapter(model: nn.Module, directory: str | os.PathLike) -> Injecti
     fields = read_vera_fields(raw, metadata, where)
     check_same_save(directory, raw, metadata)
     stored = {k: tensors.pop(k) for k in PROJECTION_KEYS if k in tensors}
+    check_floating({"base_model": {k.rpartition(".")[2]: v for k, v in stored.items()}}, where, {})
     if len(stored) == 1 or (fields.save_projection and not stored):
         raise AdapterFileError(f"{where}: save_projection is {fields.save_projection} but the file holds "
                                f"{sorted(stored) or 'neither'} of {list(PROJECTION_KEYS)}; the file is incomplete.")
@@ -174,8 +178,10 @@ def load_vera_adapter(model: nn.Module, directory: str | os.PathLike) -> Injecti
         _check_existing(model, existing, fields, groups, where)
         layers = existing
     else:
+        cfg = _config_for(model, fields, groups, where)
+        _check_sizes(model, fields, groups, stored, where)  # before the shared matrices are allocated
         try:
-            plan = plan_adapters(model, _config_for(model, fields, groups, where))
+            plan = plan_adapters(model, cfg)
         except (ValueError, TypeError, RuntimeError) as e:
             if isinstance(e, AdapterFileError):
                 raise
@@ -196,6 +202,7 @@ def _split_keys(tensors: Mapping[str, Tensor], method: str,
                 where: str) -> tuple[dict[str, dict[str, Tensor]], dict[str, Tensor]]:
     """Adapter tensors grouped by module ({"d", "b"[, "m"]}) and everything else."""
     groups, rest = group_tensors(tensors, _KEY, _KIND)
+    check_floating(groups, where, {v: k for k, v in _KIND.items()})
     if not groups:
         raise AdapterFileError(f"{where}: the file holds no VeRA tensors (vera_lambda_d / vera_lambda_b).")
     need = {"d", "b", "m"} if method == "dvora" else {"d", "b"}
@@ -221,6 +228,42 @@ def _config_for(model: nn.Module, fields: VeraFields, groups: Mapping[str, Mappi
             norm_grad=str(extra.get("norm_grad", "detach")))
     except ValueError as e:
         raise AdapterFileError(f"{where}: {e}") from None
+
+
+def _check_sizes(model: nn.Module, fields: VeraFields, groups: Mapping[str, Mapping[str, Tensor]],
+                 stored: Mapping[str, Tensor], where: str) -> None:
+    """Every size the file declares (r, the vectors, the shared matrices' shapes) against the file's tensors
+    and the model, from sizes alone: a small file cannot make dorakit build huge shared matrices."""
+    r = fields.rank
+    shapes: dict[str, tuple[int, int]] = {}
+    for name, module in model.named_modules():
+        if name in groups and (out_in := base_out_in(module)) is not None:
+            shapes[name] = out_in
+    for name, (out, _) in shapes.items():
+        for kind, want in (("d", (r,)), ("b", (out,)), ("m", (out,))):
+            got = groups[name].get(kind)
+            if got is not None and tuple(got.shape) != want:
+                raise AdapterFileError(f"{where}: module {name!r}: vera_lambda_{kind if kind != 'm' else 'magnitude'} "
+                                       f"is {tuple(got.shape)} in the file but r={r} on this model's "
+                                       f"{type(model.get_submodule(name)).__name__} (out {out}) needs {want}; the "
+                                       "adapter was made for a different base model, or its config and weights disagree.")
+    if not shapes:
+        return
+    want = ((r, max(i for _, i in shapes.values())), (max(o for o, _ in shapes.values()), r))
+    declared = [tuple(tuple(stored[k].shape) for k in PROJECTION_KEYS)] if stored else []
+    if fields.projections is not None:
+        declared.append((tuple(fields.projections["vera_A_shape"]), tuple(fields.projections["vera_B_shape"])))
+    for got in declared:
+        _same_projection_shapes(got, want, r, where)
+
+
+def _same_projection_shapes(got: tuple, want: tuple, rank: int, where: str) -> None:
+    if got != want:
+        rank_note = (f" (r={rank} is larger than the file's matrices' rank {got[0][0]})"
+                     if got[0] and got[0][0] < rank else "")
+        raise AdapterFileError(f"{where}: the file's shared VeRA matrices are A {got[0]}, B {got[1]}, but this model's "
+                               f"adapted modules need A {want[0]}, B {want[1]} (rank, largest in, largest out)"
+                               f"{rank_note}; the adapter was made for a different base model or targets.")
 
 
 def _check_existing(model: nn.Module, layers: Mapping[str, nn.Module], fields: VeraFields,
@@ -257,12 +300,7 @@ def _check_projections(projections: VeraProjections, fields: VeraFields, stored:
         got = (tuple(fields.projections["vera_A_shape"]), tuple(fields.projections["vera_B_shape"]))
     else:
         got = want  # a PEFT file without the matrices says nothing more than r (checked) and the seed
-    if got != want:
-        rank_note = (f" (r={fields.rank} is larger than the file's matrices' rank {got[0][0]})"
-                     if got[0][0] < fields.rank else "")
-        raise AdapterFileError(f"{where}: the file's shared VeRA matrices are A {got[0]}, B {got[1]}, but this model's "
-                               f"adapted modules need A {want[0]}, B {want[1]} (rank, largest in, largest out)"
-                               f"{rank_note}; the adapter was made for a different base model or targets.")
+    _same_projection_shapes(got, want, fields.rank, where)
     checksum = (fields.projections or {}).get("sha256")
     if stored:
         matrices = (stored[PROJECTION_KEYS[0]], stored[PROJECTION_KEYS[1]])
