@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import os
 
+from . import ops  # noqa: F401  (registers the dorakit:: custom ops that torch.compile sees)
 from .dora_linear import IMPLS, DoRALinearFunction, dora_linear, dora_norm, dora_prepare, lora_prepare
 
 BACKENDS = ("auto", "torch", "fused", "triton")

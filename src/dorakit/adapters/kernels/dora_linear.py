@@ -41,6 +41,77 @@ def _mm_acc(a: Tensor, b: Tensor, out_dtype: torch.dtype) -> Tensor:
     return torch.mm(a, b).to(out_dtype)
 
 
+def linear_forward(
+    x2: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    magnitude: Tensor | None,
+    norm: Tensor | None,
+    a_s: Tensor,
+    b_c: Tensor,
+    impl: str,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(y (M, N), h = s·x Aᵀ (M, R), y_pre (M, N) for "fused" DoRA, else None) for x2 (M, K).
+
+    The forward both DoRALinearFunction (eager) and the ``dorakit::adapter_linear`` op (torch.compile,
+    ops.py) run. For "triton", backward recovers y_pre from y itself."""
+    h = F.linear(x2, a_s)  # (M, R) = s·x Aᵀ
+    if magnitude is None:  # LoRA
+        return F.linear(x2, weight, bias).addmm_(h, b_c.T), h, None  # x W0ᵀ + b, then += s·x Aᵀ Bᵀ in place
+    if impl == "triton":
+        from .triton_dora import dora_forward
+
+        return dora_forward(F.linear(x2, weight), h, b_c, magnitude, norm, bias), h, None
+    y_pre = torch.addmm(F.linear(x2, weight), h, b_c.T)  # x W0ᵀ + s·x Aᵀ Bᵀ
+    g = (magnitude.to(norm.dtype) / norm).to(weight.dtype)
+    return (y_pre * g if bias is None else torch.addcmul(bias, y_pre, g)), h, y_pre
+
+
+def linear_backward(
+    dy2: Tensor,
+    x2: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    magnitude: Tensor | None,
+    norm: Tensor | None,
+    a_c: Tensor,
+    b_c: Tensor,
+    b_s: Tensor,
+    h: Tensor,
+    saved: Tensor | None,
+    impl: str,
+    needs: tuple[bool, bool, bool, bool, bool],
+    dtypes: tuple[torch.dtype, torch.dtype],
+) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+    """(∂L/∂x (M, K), ∂L/∂b, ∂L/∂A, ∂L/∂B, ∂L/∂m) for dy2 (M, N), each None unless ``needs`` (x, b, A, B, m)
+    asks for it; ``saved``: y_pre ("fused" DoRA) or y ("triton"); ``dtypes``: those of A and B."""
+    need_x, need_b, need_A, need_B, need_m = needs
+    if magnitude is None:  # LoRA: g = 1
+        dyp, grad_m = dy2, None
+    elif impl == "triton":
+        from .triton_dora import dora_backward
+
+        dyp, grad_m = dora_backward(dy2.contiguous(), saved, bias, magnitude, norm, x2.contiguous(), weight, h, b_c)
+    else:
+        g = magnitude.to(norm.dtype) / norm
+        dyp = dy2 * g.to(dy2.dtype)  # dL/dy_pre = g ⊙ dy
+        grad_m = (dy2 * saved).sum(dim=0, dtype=norm.dtype) / norm if need_m else None
+    grad_x = grad_A = grad_B = grad_b = None
+    if need_x or need_A:
+        dh = torch.mm(dyp, b_s)  # (M, R): dL/d(x Aᵀ)
+        if need_x:
+            grad_x = torch.mm(dyp, weight).addmm_(dh, a_c)
+        if need_A:
+            grad_A = _mm_acc(dh.T, x2, dtypes[0])
+    if need_B:
+        grad_B = _mm_acc(dyp.T, h, dtypes[1])
+    if need_b:  # float32 (float64) accumulation
+        grad_b = dy2.sum(dim=0, dtype=accumulation_dtype(bias)).to(bias.dtype)
+    if need_m:
+        grad_m = grad_m.to(magnitude.dtype)
+    return grad_x, grad_b, grad_A, grad_B, grad_m
+
+
 class DoRALinearFunction(torch.autograd.Function):
     """Forward and backward of DoRA on a linear layer with a detached norm (see module docstring).
 
@@ -66,21 +137,8 @@ class DoRALinearFunction(torch.autograd.Function):
         b_s: Tensor,
         impl: str,
     ) -> Tensor:
-        x2 = x.reshape(-1, x.shape[-1])  # (M, K)
-        h = F.linear(x2, a_s)  # (M, R) = s·x Aᵀ
-        if magnitude is None:  # LoRA
-            y = F.linear(x2, weight, bias).addmm_(h, b_c.T)  # x W0ᵀ + b, then += s·x Aᵀ Bᵀ in place
-            saved = None
-        elif impl == "triton":
-            from .triton_dora import dora_forward
-
-            y = dora_forward(F.linear(x2, weight), h, b_c, magnitude, norm, bias)
-            saved = y  # y_pre is recovered from y
-        else:
-            y_pre = torch.addmm(F.linear(x2, weight), h, b_c.T)  # x W0ᵀ + s·x Aᵀ Bᵀ
-            g = (magnitude.to(norm.dtype) / norm).to(weight.dtype)
-            y = y_pre * g if bias is None else torch.addcmul(bias, y_pre, g)
-            saved = y_pre
+        y, h, y_pre = linear_forward(x.reshape(-1, x.shape[-1]), weight, bias, magnitude, norm, a_s, b_c, impl)
+        saved = y if impl == "triton" and magnitude is not None else y_pre
         ctx.save_for_backward(x, weight, bias, magnitude, norm, a_c, b_c, b_s, h, saved)
         ctx.impl = impl
         ctx.dtypes = (lora_A.dtype, lora_B.dtype)
@@ -89,34 +147,12 @@ class DoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: Tensor) -> tuple[Tensor | None, ...]:  # noqa: ANN001
         x, weight, bias, magnitude, norm, a_c, b_c, b_s, h, saved = ctx.saved_tensors
-        x2 = x.reshape(-1, x.shape[-1])
-        dy2 = dy.reshape(-1, dy.shape[-1])  # (M, N)
         need_x, _, need_b, need_A, need_B, need_m = ctx.needs_input_grad[:6]
-        if magnitude is None:  # LoRA: g = 1
-            dyp, grad_m = dy2, None
-        elif ctx.impl == "triton":
-            from .triton_dora import dora_backward
-
-            dyp, grad_m = dora_backward(
-                dy2.contiguous(), saved, bias, magnitude, norm, x2.contiguous(), weight, h, b_c
-            )
-        else:
-            g = magnitude.to(norm.dtype) / norm
-            dyp = dy2 * g.to(dy2.dtype)  # dL/dy_pre = g ⊙ dy
-            grad_m = (dy2 * saved).sum(dim=0, dtype=norm.dtype) / norm if need_m else None
-        grad_x = grad_A = grad_B = grad_b = None
-        if need_x or need_A:
-            dh = torch.mm(dyp, b_s)  # (M, R): dL/d(x Aᵀ)
-            if need_x:
-                grad_x = torch.mm(dyp, weight).addmm_(dh, a_c).view(x.shape)
-            if need_A:
-                grad_A = _mm_acc(dh.T, x2, ctx.dtypes[0])
-        if need_B:
-            grad_B = _mm_acc(dyp.T, h, ctx.dtypes[1])
-        if need_b:  # float32 (float64) accumulation
-            grad_b = dy2.sum(dim=0, dtype=accumulation_dtype(bias)).to(bias.dtype)
-        if need_m:
-            grad_m = grad_m.to(magnitude.dtype)
+        grad_x, grad_b, grad_A, grad_B, grad_m = linear_backward(
+            dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1]), weight, bias, magnitude, norm, a_c, b_c,
+            b_s, h, saved, ctx.impl, (need_x, need_b, need_A, need_B, need_m), ctx.dtypes)
+        if grad_x is not None:
+            grad_x = grad_x.view(x.shape)
         return grad_x, None, grad_b, grad_A, grad_B, grad_m, None, None, None, None, None, None
 
 
@@ -129,15 +165,24 @@ def dora_prepare(
     (factored, with the cached ||w||² = ``weight_sq``; None computes it). "triton": one kernel that
     squares W0 + sBA tile by tile over slices of the input dimension and returns the (S, out)
     float32 partial sums, which the Function's kernels finish (``weight_sq`` unused, may be None);
-    dora_norm gives the norm itself.
+    dora_norm gives the norm itself. Under torch.compile, one ``dorakit::dora_prepare`` op (ops.py).
     """
     with torch.no_grad():
-        if impl == "triton":
-            from .triton_dora import dora_prepare as triton_prepare
+        if torch.compiler.is_compiling():
+            return torch.ops.dorakit.dora_prepare(weight, lora_A, lora_B, scaling, weight_sq, impl)
+        return prepare_dora(weight, lora_A, lora_B, scaling, weight_sq, impl)
 
-            return triton_prepare(weight, lora_A, lora_B, scaling)  # sums (w + s·BA)² itself: no ||w||²
-        norm = torch_dora_norm(weight, lora_A, lora_B, scaling, weight_sq)
-        return (norm, *_copies(lora_A, lora_B, scaling, weight.dtype))
+
+def prepare_dora(
+    weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, weight_sq: Tensor | None, impl: str
+) -> tuple[Tensor, ...]:
+    """dora_prepare's body (no grad mode of its own): the eager path and the custom op run it."""
+    if impl == "triton":
+        from .triton_dora import dora_prepare as triton_prepare
+
+        return triton_prepare(weight, lora_A, lora_B, scaling)  # sums (w + s·BA)² itself: no ||w||²
+    norm = torch_dora_norm(weight, lora_A, lora_B, scaling, weight_sq)
+    return (norm, *_copies(lora_A, lora_B, scaling, weight.dtype))
 
 
 def _copies(lora_A: Tensor, lora_B: Tensor, scaling: float, dtype: torch.dtype) -> tuple[Tensor, ...]:
@@ -154,13 +199,21 @@ def _copies(lora_A: Tensor, lora_B: Tensor, scaling: float, dtype: torch.dtype) 
 def lora_prepare(
     lora_A: Tensor, lora_B: Tensor, scaling: float, dtype: torch.dtype, impl: str = "fused"
 ) -> tuple[Tensor | None, ...]:
-    """(None, A, s·A, B, s·B in ``dtype``) without a graph: what dora_linear takes for LoRA (no norm)."""
+    """(None, A, s·A, B, s·B in ``dtype``) without a graph: what dora_linear takes for LoRA (no norm).
+    Under torch.compile, one ``dorakit::lora_prepare`` op (ops.py)."""
     with torch.no_grad():
-        if impl == "triton":
-            from .triton_dora import lora_prepare as triton_prepare
+        if torch.compiler.is_compiling():
+            return (None, *torch.ops.dorakit.lora_prepare(lora_A, lora_B, scaling, dtype, impl))
+        return (None, *prepare_lora(lora_A, lora_B, scaling, dtype, impl))
 
-            return (None, *triton_prepare(lora_A, lora_B, scaling, dtype))
-        return (None, *_copies(lora_A, lora_B, scaling, dtype))
+
+def prepare_lora(lora_A: Tensor, lora_B: Tensor, scaling: float, dtype: torch.dtype, impl: str) -> tuple[Tensor, ...]:
+    """lora_prepare's body without the leading None (the eager path and the custom op run it)."""
+    if impl == "triton":
+        from .triton_dora import lora_prepare as triton_prepare
+
+        return triton_prepare(lora_A, lora_B, scaling, dtype)
+    return _copies(lora_A, lora_B, scaling, dtype)
 
 
 def dora_linear(
@@ -186,6 +239,8 @@ def dora_linear(
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}.")
+    if torch.compiler.is_compiling():  # one opaque op for Dynamo (ops.py); the same math as the Function
+        return torch.ops.dorakit.adapter_linear(x, weight, bias, lora_A, lora_B, magnitude, *prepared, impl)[0]
     return DoRALinearFunction.apply(x, weight, bias, lora_A, lora_B, magnitude, *prepared, impl)
 
 

@@ -136,6 +136,13 @@ def prepare_config(rank: int) -> dict[str, int]:
     return cfg
 
 
+def partial_rows(N: int, K: int, R: int, config: dict | None = None) -> int:
+    """S, the slices of K that dora_prepare splits the norm's sums over (the rows of its partials)."""
+    cfg = config or prepare_config(R)
+    nprog = triton.cdiv(N, cfg["block_n"])
+    return max(1, min(triton.cdiv(K, cfg["block_k"]), triton.cdiv(cfg["programs"], nprog), MAX_SPLIT))
+
+
 def _copy_buffers(lora_A: Tensor, lora_B: Tensor, dtype: torch.dtype) -> tuple[Tensor, ...]:
     """A and B contiguous, and the empty (R, K), (R, K), (N, R), (N, R) outputs for their copies in ``dtype``."""
     A, B = lora_A.contiguous(), lora_B.contiguous()
@@ -161,7 +168,7 @@ def dora_prepare(
     A, B, a_c, a_s, b_c, b_s = _copy_buffers(lora_A, lora_B, weight.dtype)
     block_n, block_k = cfg["block_n"], cfg["block_k"]
     nprog = triton.cdiv(N, block_n)
-    split = max(1, min(triton.cdiv(K, block_k), triton.cdiv(cfg["programs"], nprog), MAX_SPLIT))
+    split = partial_rows(N, K, R, cfg)
     partials = torch.empty((split, N), device=weight.device, dtype=torch.float32)
     _prepare_kernel[(nprog, split)](
         weight,
