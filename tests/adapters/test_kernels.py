@@ -169,6 +169,15 @@ def test_triton_lora_matches_float64_reference(dtype: torch.dtype, shape: tuple)
 
 
 @needs_triton
+@pytest.mark.parametrize("rank", [192, 384, 512])
+def test_triton_high_rank_matches_float64_reference(rank: int) -> None:
+    """Ranks above one rank tile (128): 2 (the last one part-filled), 3 and 4 tiles, in the norm, copies,
+    forward and backward kernels (m = 0 columns: the backward's recomputation loops over the rank too)."""
+    _check((5, 40, 24, rank), torch.float32, True, True, "triton", DEVICE, seed=rank)
+    _check((5, 40, 24, rank), torch.float32, True, False, "triton", DEVICE, seed=rank, lora=True)
+
+
+@needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_triton_norm_matches_float64(dtype: torch.dtype) -> None:
     t = _case((1, 200, 77, 5), dtype, False, False, seed=3, device=DEVICE)
@@ -496,6 +505,57 @@ def test_triton_kernels_fit_the_shared_memory_of_an_sm86_gpu() -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     sizes = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(sizes) == 3
+    for kernel, size in sizes.items():
+        assert size <= 101_376, f"{kernel}: {size} bytes of shared memory"
+
+
+_AOT_RANK_LOOPS = """
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from dorakit.adapters.kernels import triton_dora as td
+from dorakit.adapters.layers import TRITON_MAX_RANK
+
+target = GPUTarget("cuda", 86, 32)
+def shared(fn, sig, consts, **opts):
+    return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=target, options=opts).metadata.shared
+br, cfg = td._block_r(TRITON_MAX_RANK), td.prepare_config(TRITON_MAX_RANK)
+sig = {k: "*fp32" for k in ("A", "B", "AC", "AS", "BC", "BS")}
+sig.update({"N": "i32", "K": "i32", "R": "i32", "s": "fp32", "NPROG": "i32"})
+sig.update({k: "constexpr" for k in ("BLOCK_N", "BLOCK_K", "BLOCK_R")})
+try:
+    out = {"copies fp32": shared(td._copies_kernel, sig, {"BLOCK_N": cfg["block_n"], "BLOCK_K": cfg["block_k"],
+                                 "BLOCK_R": br}, num_warps=cfg["num_warps"])}
+except Exception as e:  # no CUDA code generation on this machine (ptxas missing, say)
+    print(type(e).__name__, e)
+    sys.exit(3)
+sig = {k: "*fp32" for k in ("DY", "Y", "BIAS", "MAG", "SQ", "X", "W", "H", "B", "DYP", "GM")}
+sig.update({k: "i32" for k in ("M", "N", "K", "R", "stride_wn", "stride_wk", "SPLIT")})
+sig.update({"tiny": "fp32", **{k: "constexpr" for k in ("HAS_BIAS", "IEEE", "BLOCK_M", "BLOCK_N", "BLOCK_K",
+                                                        "BLOCK_R")}})
+out["backward fp32"] = shared(td._backward_kernel, sig, {"HAS_BIAS": True, "IEEE": True, "BLOCK_M": 64,
+                              "BLOCK_N": 64, "BLOCK_K": 32, "BLOCK_R": br}, num_warps=4)
+print(json.dumps(out))
+"""
+
+
+@needs_triton
+def test_triton_rank_loops_fit_the_shared_memory_of_an_sm86_gpu() -> None:
+    """The kernels the test above leaves out (the copies, the backward with its recomputation), compiled
+    for sm_86 at the largest rank the Triton path takes: the rank tiles are not multi-buffered."""
+    import json
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _AOT_RANK_LOOPS], capture_output=True, text=True, env=env,
+                          timeout=600, check=False)
+    if proc.returncode == 3:
+        pytest.skip(f"triton cannot generate CUDA code here: {proc.stdout.strip()[:200]}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    sizes = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(sizes) == 2
     for kernel, size in sizes.items():
         assert size <= 101_376, f"{kernel}: {size} bytes of shared memory"
 

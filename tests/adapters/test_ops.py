@@ -8,12 +8,18 @@ gradient (x, A, B, m, bias) match a dense float64 reference.
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import pytest
 import torch
 from torch import Tensor, nn
 
-import dorakit as dk
-from dorakit.adapters.functional import row_norm_sq
+if not torch.cuda.is_available():  # must be set before triton_dora is imported (triton.jit reads it)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import dorakit as dk  # noqa: E402
+from dorakit.adapters.functional import row_norm_sq  # noqa: E402
 
 F64 = torch.float64
 REL_TOL = {F64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 4 * 2.0**-8}
@@ -53,6 +59,21 @@ def test_opcheck(dtype: torch.dtype, shape: tuple[int, int, int, int], variant: 
         m = None
     torch.library.opcheck(OPS.adapter_linear, (x, W, t["b"], t["A"], t["B"], m, *prepared, "fused"))
     torch.library.opcheck(OPS.adapter_linear, (x, W, None, t["A"], t["B"], m, *prepared, "fused"))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+@pytest.mark.parametrize("rank", [3, 192])
+def test_opcheck_triton(rank: int) -> None:
+    """The Triton implementation behind the same ops (the interpreter on a CPU): the fake partial sums
+    have the kernel's (S, out) shape, at one rank tile and at two."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    t = {k: v.to(device) for k, v in _tensors((6, 40, 24, rank), torch.float32).items()}
+    W, A, B = t["W"], t["A"].detach(), t["B"].detach()
+    torch.library.opcheck(OPS.dora_prepare, (W, A, B, 1.7, None, "triton"))
+    with torch.no_grad():
+        prepared = OPS.dora_prepare(W, A, B, 1.7, None, "triton")
+    torch.library.opcheck(OPS.adapter_linear, (t["x"], W, t["b"], t["A"], t["B"], t["m"], *prepared, "triton"))
+    torch.library.opcheck(OPS.lora_prepare, (A, B, 1.7, torch.float32, "triton"))
 
 
 def _model(variant: str, dtype: torch.dtype) -> nn.Module:
