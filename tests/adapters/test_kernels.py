@@ -150,6 +150,25 @@ def test_fused_lora_matches_float64_reference(dtype: torch.dtype, shape: tuple, 
     _check(shape, dtype, bias, False, "fused", lora=True)
 
 
+@pytest.mark.parametrize("dtype", [F64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block_rows", [None, 1, 7])
+def test_fused_norm_over_row_blocks_matches_float64(
+    dtype: torch.dtype, block_rows: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """direct_norm (the fused path's norm) in one block, one row per block, and blocks that do not
+    divide out = 45: every row's norm against float64, in the accumulation dtype."""
+    dl = importlib.import_module("dorakit.adapters.kernels.dora_linear")  # the module (the package exports
+    # a function of the same name)
+    t = _case((1, 70, 45, 6), dtype, False, False, seed=5)
+    if block_rows is not None:
+        acc = torch.float64 if dtype == F64 else torch.float32
+        monkeypatch.setattr(dl, "NORM_BLOCK_BYTES", block_rows * 70 * torch.finfo(acc).bits // 8)
+    norm = dl.direct_norm(t["W"], t["A"], t["B"], 1.3)
+    ref = (t["W"].to(F64) + 1.3 * t["B"].to(F64) @ t["A"].to(F64)).norm(dim=1)
+    assert norm.dtype == (F64 if dtype == F64 else torch.float32) and norm.shape == (45,)
+    assert ((norm.to(F64) - ref).abs() / ref).max().item() <= REL_TOL[F64 if dtype == F64 else torch.float32]
+
+
 # ---- the Triton kernels: on CUDA if present, else the interpreter on CPU -------------------------
 
 

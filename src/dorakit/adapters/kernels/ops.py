@@ -43,7 +43,7 @@ def dora_prepare_op(
     weight: Tensor, lora_A: Tensor, lora_B: Tensor, scaling: float, weight_sq: Tensor | None, impl: str
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(norm, A, s·A, B, s·B): dora_linear.dora_prepare's eager body."""
-    return prepare_dora(weight, lora_A, lora_B, scaling, weight_sq, impl)
+    return prepare_dora(weight, lora_A, lora_B, scaling, weight_sq, impl, fresh=True)
 
 
 @dora_prepare_op.register_fake
@@ -73,7 +73,7 @@ def lora_prepare_op(
     lora_A: Tensor, lora_B: Tensor, scaling: float, dtype: torch.dtype, impl: str
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(A, s·A, B, s·B) in ``dtype``: dora_linear.lora_prepare's eager body."""
-    return prepare_lora(lora_A, lora_B, scaling, dtype, impl)
+    return prepare_lora(lora_A, lora_B, scaling, dtype, impl, fresh=True)
 
 
 @lora_prepare_op.register_fake
@@ -92,7 +92,7 @@ def adapter_linear(
     norm: Tensor | None, a_c: Tensor, a_s: Tensor, b_c: Tensor, b_s: Tensor, impl: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(y (..., N), h (M, R), y_pre (M, N) or empty): linear_forward, as DoRALinearFunction.forward."""
-    y, h, y_pre = linear_forward(x.reshape(-1, x.shape[-1]), weight, bias, magnitude, norm, a_s, b_c, impl)
+    y, h, y_pre, _ = linear_forward(x.reshape(-1, x.shape[-1]), weight, bias, magnitude, norm, a_s, b_c, impl)
     return y.view(*x.shape[:-1], y.shape[-1]), h, y.new_empty(0) if y_pre is None else y_pre
 
 
