@@ -240,12 +240,12 @@ class AdapterLayer(nn.Module):
     def _prepare(self, weight: Tensor, impl: str) -> tuple[Tensor | None, ...]:
         """dorakit.adapters.kernels.dora_prepare (DoRA) or lora_prepare (LoRA: no norm) for W0 = ``weight``.
 
-        The cached ||w||² is read (and refreshed) for the fused path only: the Triton kernel sums
-        (w + s·BA)² itself, so it needs no second pass over a W0 that FSDP may re-gather every step."""
+        Neither path reads the cached ||w||²: both sum (w + s·BA)² directly (the Triton kernel, and
+        kernels.direct_norm for "fused"), so neither needs a second pass over a W0 that FSDP may
+        re-gather every step."""
         if self.variant == "lora":
             return lora_prepare(self.lora_A, self.lora_B, self.scaling, weight.dtype, impl)
-        weight_sq = None if impl == "triton" else self._weight_sq()
-        return dora_prepare(weight, self.lora_A, self.lora_B, self.scaling, weight_sq, impl)
+        return dora_prepare(weight, self.lora_A, self.lora_B, self.scaling, None, impl)
 
     def _prepared(self, impl: str) -> tuple[Tensor | None, ...]:
         """_prepare for the current W0, A, B: (norm or None, A, s·A, B, s·B), no graph.
