@@ -5,12 +5,19 @@ dispatch, launch); 154 adapted modules run in one LLaMA-1B step. Median of 5 rou
 synchronized around each round.
 
     python benchmarks/bench_host.py            # CUDA if available, else CPU (no Triton there)
+    python benchmarks/bench_host.py --src /work/main/src --src src   # two trees side by side (before / after)
+
+Prints DoRA / LoRA per layer forward + backward for each backend; "auto" is what a user gets.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -19,6 +26,7 @@ import torch.nn.functional as F
 
 import dorakit as dk
 
+_CHILD = "_DORAKIT_BENCH_HOST_CHILD"
 
 def per_call_us(fn: Callable[[], object], device: str, calls: int = 200, rounds: int = 7) -> float:
     times = []
@@ -46,14 +54,9 @@ def layer(method: str, device: str, dtype: torch.dtype, width: int) -> torch.nn.
     return model[0]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args()
-    device = args.device
+def measure(device: str) -> list[tuple[str, float]]:
+    """(label, microseconds per call) for every row of the table."""
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
-    print(f"device: {name}; torch {torch.__version__}; {dtype}; x (8, 64), W0 (64, 64), r = 16")
     x = torch.randn(8, 64, device=device, dtype=dtype)
     w = torch.randn(64, 64, device=device, dtype=dtype)
     rows = [("torch.empty", per_call_us(lambda: torch.empty(64, device=device), device)),
@@ -72,7 +75,7 @@ def main() -> None:
                      per_call_us(lambda: td.dora_prepare(w, a, b, 2.0), device)))
     backends = ["torch", "fused"] + (["triton"] if device == "cuda" else [])
     xg = torch.randn(8, 64, device=device, dtype=dtype, requires_grad=True)
-    for method in ["frozen"] + [f"{v}-{b}" for v in ("lora", "dora") for b in backends]:
+    for method in ["frozen"] + [f"{v}-{b}" for v in ("lora", "dora") for b in ("auto", *backends)]:
         mod = layer(method, device, dtype, 64)
         with torch.no_grad():
             rows.append((f"{method} layer forward, no grad", per_call_us(lambda mod=mod: mod(x), device)))
@@ -87,8 +90,58 @@ def main() -> None:
             y.backward(torch.ones_like(y))
 
         rows.append((f"{method} layer forward + backward (a whole backward call each)", per_call_us(step, device)))
+    return rows
+
+
+def _side_by_side(args: argparse.Namespace) -> None:
+    """One child process per --src tree, alternated --alternations times (the host's load drifts);
+    each cell is the median over the alternations of that tree's per-call medians."""
+    results: dict[str, list[dict[str, float]]] = {src: [] for src in args.src}
+    for _ in range(args.alternations):
+        for src in args.src:
+            env = dict(os.environ, PYTHONPATH=os.path.abspath(src), **{_CHILD: "1"})
+            proc = subprocess.run([sys.executable, __file__, "--device", args.device], env=env, capture_output=True,
+                                  text=True, check=True)
+            results[src].append(dict(json.loads(proc.stdout.strip().splitlines()[-1])))
+    labels = list(results[args.src[0]][0])
+    print("  ".join(f"[{i}] {src}" for i, src in enumerate(args.src)))
+    table = {src: {k: statistics.median(r[k] for r in runs) for k in labels} for src, runs in results.items()}
+    for label in labels:
+        cells = "".join(f"{table[src].get(label, float('nan')):9.1f}" for src in args.src)
+        print(f"{cells} us  {label}")
+    _ratios(table)
+
+
+def _ratios(table: dict[str, dict[str, float]]) -> None:
+    """DoRA / LoRA host time per layer forward + backward, per tree, for every backend both have."""
+    tail = " layer forward + backward (a whole backward call each)"
+    for src, row in table.items():
+        for backend in ("auto", "fused", "triton", "torch"):
+            lora, dora = row.get(f"lora-{backend}{tail}"), row.get(f"dora-{backend}{tail}")
+            if lora and dora:
+                print(f"  {src}: DoRA / LoRA forward + backward, backend={backend}: {dora / lora:.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--src", action="append", help="a dorakit src tree (repeatable): compare them side by side")
+    parser.add_argument("--alternations", type=int, default=3)
+    args = parser.parse_args()
+    if os.environ.get(_CHILD):
+        print(json.dumps(measure(args.device)))
+        return
+    if args.src:
+        _side_by_side(args)
+        return
+    device = args.device
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    print(f"device: {name}; torch {torch.__version__}; {dtype}; x (8, 64), W0 (64, 64), r = 16")
+    rows = measure(device)
     for label, us in rows:
         print(f"  {us:8.1f} us  {label}")
+    _ratios({"this tree": dict(rows)})
 
 
 if __name__ == "__main__":

@@ -150,6 +150,26 @@ def test_fused_lora_matches_float64_reference(dtype: torch.dtype, shape: tuple, 
     _check(shape, dtype, bias, False, "fused", lora=True)
 
 
+@pytest.mark.parametrize("dtype", [F64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block_rows", [None, 1, 7])
+def test_fused_norm_over_row_blocks_matches_float64(
+    dtype: torch.dtype, block_rows: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """direct_norm (the fused path's norm) in one block, one row per block, and blocks that do not
+    divide out = 45: every row's norm against float64, in the accumulation dtype."""
+    dl = importlib.import_module("dorakit.adapters.kernels.dora_linear")  # the module (the package exports
+    # a function of the same name)
+    t = _case((1, 70, 45, 6), dtype, False, False, seed=5)
+    if block_rows is not None:
+        acc = torch.float64 if dtype == F64 else torch.float32
+        functional = importlib.import_module("dorakit.adapters.functional")  # where the block size lives
+        monkeypatch.setattr(functional, "NORM_CHUNK_BYTES", block_rows * 70 * torch.finfo(acc).bits // 8)
+    norm = dl.direct_norm(t["W"], t["A"], t["B"], 1.3)
+    ref = (t["W"].to(F64) + 1.3 * t["B"].to(F64) @ t["A"].to(F64)).norm(dim=1)
+    assert norm.dtype == (F64 if dtype == F64 else torch.float32) and norm.shape == (45,)
+    assert ((norm.to(F64) - ref).abs() / ref).max().item() <= REL_TOL[F64 if dtype == F64 else torch.float32]
+
+
 # ---- the Triton kernels: on CUDA if present, else the interpreter on CPU -------------------------
 
 
@@ -166,6 +186,15 @@ def test_triton_matches_float64_reference(dtype: torch.dtype, shape: tuple, bias
 @pytest.mark.parametrize("shape", SHAPES)
 def test_triton_lora_matches_float64_reference(dtype: torch.dtype, shape: tuple) -> None:
     _check(shape, dtype, True, False, "triton", DEVICE, lora=True)
+
+
+@needs_triton
+@pytest.mark.parametrize("rank", [192, 384, 512])
+def test_triton_high_rank_matches_float64_reference(rank: int) -> None:
+    """Ranks above one rank tile (128): 2 (the last one part-filled), 3 and 4 tiles, in the norm, copies,
+    forward and backward kernels (m = 0 columns: the backward's recomputation loops over the rank too)."""
+    _check((5, 40, 24, rank), torch.float32, True, True, "triton", DEVICE, seed=rank)
+    _check((5, 40, 24, rank), torch.float32, True, False, "triton", DEVICE, seed=rank, lora=True)
 
 
 @needs_triton
@@ -499,6 +528,57 @@ def test_triton_kernels_fit_the_shared_memory_of_an_sm86_gpu() -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     sizes = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(sizes) == 3
+    for kernel, size in sizes.items():
+        assert size <= 101_376, f"{kernel}: {size} bytes of shared memory"
+
+
+_AOT_RANK_LOOPS = """
+import json, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from dorakit.adapters.kernels import triton_dora as td
+from dorakit.adapters.layers import TRITON_MAX_RANK
+
+target = GPUTarget("cuda", 86, 32)
+def shared(fn, sig, consts, **opts):
+    return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=target, options=opts).metadata.shared
+br, cfg = td._block_r(TRITON_MAX_RANK), td.prepare_config(TRITON_MAX_RANK)
+sig = {k: "*fp32" for k in ("A", "B", "AC", "AS", "BC", "BS")}
+sig.update({"N": "i32", "K": "i32", "R": "i32", "s": "fp32", "NPROG": "i32"})
+sig.update({k: "constexpr" for k in ("BLOCK_N", "BLOCK_K", "BLOCK_R")})
+try:
+    out = {"copies fp32": shared(td._copies_kernel, sig, {"BLOCK_N": cfg["block_n"], "BLOCK_K": cfg["block_k"],
+                                 "BLOCK_R": br}, num_warps=cfg["num_warps"])}
+except Exception as e:  # no CUDA code generation on this machine (ptxas missing, say)
+    print(type(e).__name__, e)
+    sys.exit(3)
+sig = {k: "*fp32" for k in ("DY", "Y", "BIAS", "MAG", "SQ", "X", "W", "H", "B", "DYP", "GM")}
+sig.update({k: "i32" for k in ("M", "N", "K", "R", "stride_wn", "stride_wk", "SPLIT")})
+sig.update({"tiny": "fp32", **{k: "constexpr" for k in ("HAS_BIAS", "IEEE", "BLOCK_M", "BLOCK_N", "BLOCK_K",
+                                                        "BLOCK_R")}})
+out["backward fp32"] = shared(td._backward_kernel, sig, {"HAS_BIAS": True, "IEEE": True, "BLOCK_M": 64,
+                              "BLOCK_N": 64, "BLOCK_K": 32, "BLOCK_R": br}, num_warps=4)
+print(json.dumps(out))
+"""
+
+
+@needs_triton
+def test_triton_rank_loops_fit_the_shared_memory_of_an_sm86_gpu() -> None:
+    """The kernels the test above leaves out (the copies, the backward with its recomputation), compiled
+    for sm_86 at the largest rank the Triton path takes: the rank tiles are not multi-buffered."""
+    import json
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _AOT_RANK_LOOPS], capture_output=True, text=True, env=env,
+                          timeout=600, check=False)
+    if proc.returncode == 3:
+        pytest.skip(f"triton cannot generate CUDA code here: {proc.stdout.strip()[:200]}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    sizes = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(sizes) == 2
     for kernel, size in sizes.items():
         assert size <= 101_376, f"{kernel}: {size} bytes of shared memory"
 

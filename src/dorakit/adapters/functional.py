@@ -54,6 +54,23 @@ def _direction_rows(weight: Tensor, A: Tensor, B: Tensor, scaling: float, start:
     return torch.addmm(weight[start:stop].to(A.dtype), B[start:stop], A, alpha=scaling)
 
 
+def direct_norm_sq(weight: Tensor, A: Tensor, B: Tensor, scaling: float) -> Tensor:
+    """||W0 + s·B·A||² per row without a graph, A and B already in the accumulation dtype: (out,).
+
+    One addmm + square + sum where the rows fit one block of NORM_CHUNK_BYTES (a few launches: the
+    fused kernels' path calls this under no_grad), else the same block by block.
+    """
+    n = weight.shape[0]
+    step = _chunk_rows(weight, A.dtype)
+    if step >= n:
+        return _direction_rows(weight, A, B, scaling, 0, n).square_().sum(dim=1)
+    out = A.new_empty(n)                                                  # (out,)
+    for start in range(0, n, step):
+        stop = min(start + step, n)
+        out[start:stop] = _direction_rows(weight, A, B, scaling, start, stop).square_().sum(dim=1)
+    return out
+
+
 class _DirectNormSq(torch.autograd.Function):
     """||W0 + s·B·A||² per row, summed block by block over rows; backward recomputes each block.
 
@@ -62,11 +79,7 @@ class _DirectNormSq(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight: Tensor, A: Tensor, B: Tensor, scaling: float) -> Tensor:  # noqa: ANN001
-        out = A.new_empty(weight.shape[0])                                # (out,)
-        step = _chunk_rows(weight, A.dtype)
-        for start in range(0, weight.shape[0], step):
-            stop = min(start + step, weight.shape[0])
-            out[start:stop] = _direction_rows(weight, A, B, scaling, start, stop).square_().sum(dim=1)
+        out = direct_norm_sq(weight, A, B, scaling)                       # (out,)
         ctx.save_for_backward(weight, A, B)
         ctx.scaling = scaling
         return out

@@ -49,9 +49,10 @@ def _autocast_dtype(x: Tensor) -> torch.dtype | None:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
 
 
-TRITON_MAX_RANK = 128
-"""The largest rank the Triton kernels take: their shared memory stays under the 101,376 bytes of an
-sm_86 / sm_89 GPU (tests/test_kernels.py compiles them for it); above it "auto" runs the fused path."""
+TRITON_MAX_RANK = 512
+"""The largest rank the Triton path takes (the largest its tests check): the kernels loop over the rank
+in tiles of at most 128, so their shared memory stays under the 101,376 bytes of an sm_86 / sm_89 GPU
+at any rank (tests/adapters/test_kernels.py compiles them for it); above it "auto" runs the fused path."""
 
 
 def _has_hooks(module: nn.Module) -> bool:
@@ -215,7 +216,10 @@ class AdapterLayer(nn.Module):
             return dora_norm(self.weight_2d(), self.lora_A_2d(), self.lora_B_2d(), self.scaling)
 
     def _prepare(self, weight: Tensor, impl: str) -> tuple[Tensor | None, ...]:
-        """dorakit.adapters.kernels.dora_prepare (DoRA) or lora_prepare (LoRA: no norm) for W0 = ``weight``."""
+        """dorakit.adapters.kernels.dora_prepare (DoRA) or lora_prepare (LoRA: no norm) for W0 = ``weight``.
+
+        Both paths sum (w + s·BA)² directly (the Triton kernel, and kernels.direct_norm for "fused"),
+        so neither needs ||w||² nor a second pass over a W0 that FSDP may re-gather every step."""
         if self.variant == "lora":
             return lora_prepare(self.lora_A, self.lora_B, self.scaling, weight.dtype, impl)
         return dora_prepare(weight, self.lora_A, self.lora_B, self.scaling, None, impl)
@@ -305,7 +309,8 @@ class AdapterLayer(nn.Module):
         if impl == "triton" and not triton_available():
             return "triton is not installed"
         if impl == "triton" and self.rank > TRITON_MAX_RANK:
-            return f"rank {self.rank} > {TRITON_MAX_RANK} (the kernels' tiles would not fit in shared memory)"
+            return (f"rank {self.rank} > {TRITON_MAX_RANK}, the largest rank the kernels are tested at (their rank "
+                    "tiles keep shared memory within an sm_86 GPU's at any rank, but higher ranks are untested)")
         return None
 
     def _runtime_unsupported(self, impl: str, x: Tensor) -> str | None:

@@ -2,7 +2,8 @@
 
 A leaf package: it imports only ``dorakit.adapters.functional`` (the math it must agree with), never the
 layers. The eager reference lives in ``dorakit.adapters.layers``; ``AdapterLayer(backend=...)`` chooses.
-Triton is optional: it ships with CUDA builds of torch; on a CPU the kernels run only under
+Under torch.compile the same math runs as the ``dorakit::`` custom ops of ``ops.py`` (one opaque op
+per adapted linear). Triton is optional: it ships with CUDA builds of torch; on a CPU the kernels run only under
 ``TRITON_INTERPRET=1`` (how the tests cover them).
 """
 
@@ -12,6 +13,7 @@ import importlib.util
 import os
 
 from .dora_linear import IMPLS, DoRALinearFunction, dora_linear, dora_norm, dora_prepare, lora_prepare
+from .ops import adapter_linear, dora_prepare_op, lora_prepare_op  # importing ops registers the dorakit:: ops
 
 BACKENDS = ("auto", "torch", "fused", "triton")
 """auto: the fastest path that supports the call; torch: the eager reference; fused, triton: dora_linear."""
@@ -34,10 +36,13 @@ __all__ = [
     "BACKENDS",
     "IMPLS",
     "DoRALinearFunction",
+    "adapter_linear",
     "dora_linear",
     "dora_norm",
     "dora_prepare",
+    "dora_prepare_op",
     "lora_prepare",
+    "lora_prepare_op",
     "triton_available",
     "triton_interpreted",
 ]

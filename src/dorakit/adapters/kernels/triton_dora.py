@@ -17,8 +17,31 @@ from torch import Tensor
 TINY = float(torch.finfo(torch.float32).tiny)
 
 
+MAX_BLOCK_R = 128
+"""The widest rank tile: above it the kernels loop over the rank in tiles of this width, so their
+shared memory does not grow with the rank (tests/adapters/test_kernels.py compiles them for sm_86)."""
+
+
 def _block_r(rank: int) -> int:
-    return max(16, triton.next_power_of_2(rank))  # tl.dot needs every dimension >= 16
+    """The rank tile: the rank rounded up to a power of two, at least 16 (tl.dot), at most MAX_BLOCK_R."""
+    return min(MAX_BLOCK_R, max(16, triton.next_power_of_2(rank)))
+
+
+@triton.jit
+def _lora_tile(H, B, rm, rn, M, N, R, IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_R: tl.constexpr):
+    """h Bᵀ on rows rm, columns rn: (BLOCK_M, BLOCK_N) float32, summed over the rank in tiles of BLOCK_R
+    (one tile, one dot, for R <= BLOCK_R); h (M, R) and B (N, R) row-major."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for r0 in tl.range(0, R, BLOCK_R, num_stages=1):  # not pipelined: one tile of h and B in shared memory
+        rr = r0 + tl.arange(0, BLOCK_R)
+        h = tl.load(H + rm[:, None] * R + rr[None, :], mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0)
+        b = tl.load(B + rn[:, None] * R + rr[None, :], mask=(rn[:, None] < N) & (rr[None, :] < R), other=0.0)
+        if IEEE:
+            acc += tl.dot(h, tl.trans(b), input_precision="ieee")
+        else:
+            acc += tl.dot(h, tl.trans(b))
+    return acc
 
 
 @triton.jit
@@ -56,29 +79,36 @@ def _prepare_kernel(
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    rr = tl.arange(0, BLOCK_R)
-    b = tl.load(B + rn[:, None] * R + rr[None, :], mask=(rn[:, None] < N) & (rr[None, :] < R), other=0.0).to(
-        tl.float32
-    )  # (BN, BR)
-    b_mask = (rn[:, None] < N) & (rr[None, :] < R * (pid_k == 0).to(tl.int32))  # slice 0 writes B's copies
-    tl.store(BC + rn[:, None] * R + rr[None, :], b.to(BC.dtype.element_ty), mask=b_mask)
-    tl.store(BS + rn[:, None] * R + rr[None, :], (b * s).to(BS.dtype.element_ty), mask=b_mask)
+    r_copy = R * (pid_k == 0).to(tl.int32)  # slice 0 writes B's copies
+    for r0 in range(0, R, BLOCK_R):
+        rr = r0 + tl.arange(0, BLOCK_R)
+        b_in = (rn[:, None] < N) & (rr[None, :] < R)
+        b = tl.load(B + rn[:, None] * R + rr[None, :], mask=b_in, other=0.0).to(tl.float32)  # (BN, BR)
+        b_mask = (rn[:, None] < N) & (rr[None, :] < r_copy)
+        tl.store(BC + rn[:, None] * R + rr[None, :], b.to(BC.dtype.element_ty), mask=b_mask)
+        tl.store(BS + rn[:, None] * R + rr[None, :], (b * s).to(BS.dtype.element_ty), mask=b_mask)
     acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
     for k0 in range(pid_k * BLOCK_K, K, SPLIT * BLOCK_K):  # this slice's tiles of W0, one pass
         rk = k0 + tl.arange(0, BLOCK_K)
-        a = tl.load(
-            A + rr[:, None] * K + rk[None, :], mask=(rr[:, None] < R) & (rk[None, :] < K), other=0.0
-        ).to(tl.float32)  # (BR, BK)
         k_mine = (((k0 // BLOCK_K) // SPLIT) % NPROG_N == pid).to(tl.int32) * K  # this program writes A's tile
-        a_mask = (rr[:, None] < R) & (rk[None, :] < k_mine)
-        tl.store(AC + rr[:, None] * K + rk[None, :], a.to(AC.dtype.element_ty), mask=a_mask)
-        tl.store(AS + rr[:, None] * K + rk[None, :], (a * s).to(AS.dtype.element_ty), mask=a_mask)
+        ba = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
+        for r0 in range(0, R, BLOCK_R):  # BA over the rank, BLOCK_R at a time: no (out, in) temporary
+            rr = r0 + tl.arange(0, BLOCK_R)
+            b_in = (rn[:, None] < N) & (rr[None, :] < R)
+            b = tl.load(B + rn[:, None] * R + rr[None, :], mask=b_in, other=0.0).to(tl.float32)  # (BN, BR)
+            a = tl.load(
+                A + rr[:, None] * K + rk[None, :], mask=(rr[:, None] < R) & (rk[None, :] < K), other=0.0
+            ).to(tl.float32)  # (BR, BK)
+            a_mask = (rr[:, None] < R) & (rk[None, :] < k_mine)
+            tl.store(AC + rr[:, None] * K + rk[None, :], a.to(AC.dtype.element_ty), mask=a_mask)
+            tl.store(AS + rr[:, None] * K + rk[None, :], (a * s).to(AS.dtype.element_ty), mask=a_mask)
+            ba += tl.dot(b, a, input_precision="tf32x3")
         w = tl.load(
             W + rn[:, None] * stride_wn + rk[None, :] * stride_wk,
             mask=(rn[:, None] < N) & (rk[None, :] < K),
             other=0.0,
         ).to(tl.float32)  # (BN, BK)
-        v = (w + s * tl.dot(b, a, input_precision="tf32x3")).to(tl.float32)  # W0 + sBA (s may come as fp64)
+        v = (w + s * ba).to(tl.float32)  # W0 + sBA (s may come as fp64)
         acc += v * v
     tl.store(SQ + pid_k * N + rn, tl.sum(acc, axis=1), mask=rn < N)
 
@@ -100,17 +130,18 @@ def _copies_kernel(A, B, AC, AS, BC, BS, N, K, R, s, NPROG, BLOCK_N: tl.constexp
     """A, s·A, B, s·B in the output dtype (LoRA's _prepare_kernel: no norm), as _prepare_kernel writes them."""
     pid = tl.program_id(0)
     rn = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    rr = tl.arange(0, BLOCK_R)
-    b_mask = (rn[:, None] < N) & (rr[None, :] < R)
-    b = tl.load(B + rn[:, None] * R + rr[None, :], mask=b_mask, other=0.0).to(tl.float32)
-    tl.store(BC + rn[:, None] * R + rr[None, :], b.to(BC.dtype.element_ty), mask=b_mask)
-    tl.store(BS + rn[:, None] * R + rr[None, :], (b * s).to(BS.dtype.element_ty), mask=b_mask)
-    for k0 in range(pid * BLOCK_K, K, NPROG * BLOCK_K):  # A's tiles, spread over the programs
-        rk = k0 + tl.arange(0, BLOCK_K)
-        a_mask = (rr[:, None] < R) & (rk[None, :] < K)
-        a = tl.load(A + rr[:, None] * K + rk[None, :], mask=a_mask, other=0.0).to(tl.float32)
-        tl.store(AC + rr[:, None] * K + rk[None, :], a.to(AC.dtype.element_ty), mask=a_mask)
-        tl.store(AS + rr[:, None] * K + rk[None, :], (a * s).to(AS.dtype.element_ty), mask=a_mask)
+    for r0 in range(0, R, BLOCK_R):
+        rr = r0 + tl.arange(0, BLOCK_R)
+        b_mask = (rn[:, None] < N) & (rr[None, :] < R)
+        b = tl.load(B + rn[:, None] * R + rr[None, :], mask=b_mask, other=0.0).to(tl.float32)
+        tl.store(BC + rn[:, None] * R + rr[None, :], b.to(BC.dtype.element_ty), mask=b_mask)
+        tl.store(BS + rn[:, None] * R + rr[None, :], (b * s).to(BS.dtype.element_ty), mask=b_mask)
+        for k0 in range(pid * BLOCK_K, K, NPROG * BLOCK_K):  # A's tiles, spread over the programs
+            rk = k0 + tl.arange(0, BLOCK_K)
+            a_mask = (rr[:, None] < R) & (rk[None, :] < K)
+            a = tl.load(A + rr[:, None] * K + rk[None, :], mask=a_mask, other=0.0).to(tl.float32)
+            tl.store(AC + rr[:, None] * K + rk[None, :], a.to(AC.dtype.element_ty), mask=a_mask)
+            tl.store(AS + rr[:, None] * K + rk[None, :], (a * s).to(AS.dtype.element_ty), mask=a_mask)
 
 
 PREPARE_CONFIG = {"block_n": 32, "block_k": 64, "num_warps": 4, "num_stages": 3, "programs": 528}
@@ -125,8 +156,8 @@ MAX_SPLIT = 64
 """Slices of K at most: the epilogue kernels sum this many partial norms per column."""
 
 MAX_A_TILE = 4096
-"""BLOCK_R × BLOCK_K at most: the norm kernel then needs at most 68 / 70 KB of shared memory (bf16 / fp32
-W0, r = 128, 3 stages; the sm_86 test compiles it), under the 99 KB of an sm_86 GPU."""
+"""BLOCK_R × BLOCK_K at most: the norm kernel then needs at most 64 KB of shared memory (bf16 or fp32
+W0, a rank tile of 128, 3 stages; the sm_86 test compiles it), under the 99 KB of an sm_86 GPU."""
 
 
 def prepare_config(rank: int) -> dict[str, int]:
@@ -134,6 +165,13 @@ def prepare_config(rank: int) -> dict[str, int]:
     cfg = dict(PREPARE_CONFIG)
     cfg["block_k"] = min(cfg["block_k"], max(16, MAX_A_TILE // _block_r(rank)))
     return cfg
+
+
+def partial_rows(N: int, K: int, R: int, config: dict | None = None) -> int:
+    """S, the slices of K that dora_prepare splits the norm's sums over (the rows of its partials)."""
+    cfg = config or prepare_config(R)
+    nprog = triton.cdiv(N, cfg["block_n"])
+    return max(1, min(triton.cdiv(K, cfg["block_k"]), triton.cdiv(cfg["programs"], nprog), MAX_SPLIT))
 
 
 def _copy_buffers(lora_A: Tensor, lora_B: Tensor, dtype: torch.dtype) -> tuple[Tensor, ...]:
@@ -161,7 +199,7 @@ def dora_prepare(
     A, B, a_c, a_s, b_c, b_s = _copy_buffers(lora_A, lora_B, weight.dtype)
     block_n, block_k = cfg["block_n"], cfg["block_k"]
     nprog = triton.cdiv(N, block_n)
-    split = max(1, min(triton.cdiv(K, block_k), triton.cdiv(cfg["programs"], nprog), MAX_SPLIT))
+    split = partial_rows(N, K, R, cfg)
     partials = torch.empty((split, N), device=weight.device, dtype=torch.float32)
     _prepare_kernel[(nprog, split)](
         weight,
@@ -247,14 +285,8 @@ def _forward_kernel(
     from the (SPLIT, N) partial sums SQ of dora_prepare."""
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rr = tl.arange(0, BLOCK_R)
     mask = (rm[:, None] < M) & (rn[None, :] < N)
-    h = tl.load(H + rm[:, None] * R + rr[None, :], mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0)
-    b = tl.load(B + rn[:, None] * R + rr[None, :], mask=(rn[:, None] < N) & (rr[None, :] < R), other=0.0)
-    if IEEE:
-        lora = tl.dot(h, tl.trans(b), input_precision="ieee")
-    else:
-        lora = tl.dot(h, tl.trans(b))  # (BM, BN) fp32
+    lora = _lora_tile(H, B, rm, rn, M, N, R, IEEE, BLOCK_M, BLOCK_N, BLOCK_R)  # (BM, BN) fp32
     base = tl.load(BASE + rm[:, None] * N + rn[None, :], mask=mask, other=0.0).to(tl.float32)
     g = tl.load(MAG + rn, mask=rn < N, other=0.0).to(tl.float32) / _load_norm(SQ, rn, N, SPLIT, tiny)
     y = g[None, :] * (base + lora)
@@ -345,7 +377,6 @@ def _backward_kernel(
     zero = mag == 0.0
     y_over_n = y / tl.where(zero, 1.0, mag)[None, :]  # (y − b) / m = y_pre / n
     if tl.max(zero.to(tl.int32), axis=0) > 0:  # rare: recompute y_pre on this tile
-        rr = tl.arange(0, BLOCK_R)
         acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
         for k0 in range(0, K, BLOCK_K):
             rk = k0 + tl.arange(0, BLOCK_K)
@@ -362,12 +393,7 @@ def _backward_kernel(
             else:
                 acc += tl.dot(x, tl.trans(w))
         base = acc.to(Y.dtype.element_ty).to(tl.float32)  # x W0ᵀ rounded as the forward's was
-        h = tl.load(H + rm[:, None] * R + rr[None, :], mask=(rm[:, None] < M) & (rr[None, :] < R), other=0.0)
-        b = tl.load(B + rn[:, None] * R + rr[None, :], mask=(rn[:, None] < N) & (rr[None, :] < R), other=0.0)
-        if IEEE:
-            lora = tl.dot(h, tl.trans(b), input_precision="ieee")
-        else:
-            lora = tl.dot(h, tl.trans(b))
+        lora = _lora_tile(H, B, rm, rn, M, N, R, IEEE, BLOCK_M, BLOCK_N, BLOCK_R)
         y_over_n = tl.where(zero[None, :], (base + lora) / norm[None, :], y_over_n)
     tl.store(GM + pid_m * N + rn, tl.sum(dy * y_over_n, axis=0), mask=rn < N)
 
