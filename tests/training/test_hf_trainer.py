@@ -20,6 +20,7 @@ Every run trains a tiny Llama (conftest) with DoRA on q_proj / v_proj.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -174,7 +175,8 @@ def _assert_adapter_only_checkpoint(ckpt: Path, model: nn.Module) -> None:
     assert not {"model.safetensors", "pytorch_model.bin", "model.safetensors.index.json"} & set(sizes)
     assert dk.read_adapter(ckpt).tensors.keys() == {k.removeprefix("base_model.model.") for k in _adapter(model)}
     adapter = sizes["adapter_model.safetensors"]
-    assert sum(v for k, v in sizes.items() if k not in BOOKKEEPING) < 2 * adapter + 16_384  # + json, tokenizer
+    weights = {k: v for k, v in sizes.items() if k not in BOOKKEEPING and not k.startswith("rng_state")}  # rng_state_<rank>
+    assert sum(weights.values()) < 2 * adapter + 16_384, weights  # the adapter, its config, a tokenizer
     moments = torch.load(ckpt / "optimizer.pt", weights_only=True)["state"].values()  # AdamW: 2 per parameter
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert sum(s["exp_avg"].numel() + s["exp_avg_sq"].numel() for s in moments) == 2 * trainable
@@ -263,3 +265,37 @@ def test_import_dorakit_imports_neither_transformers_nor_trl() -> None:
             "assert not {'transformers', 'trl'} & set(sys.modules), sorted(sys.modules)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+# ------------------------------------------------------------------------------------ DDP, accelerate
+
+@pytest.mark.slow
+def test_ddp_under_accelerate_launch_trains_what_one_process_trains(tmp_path: Path) -> None:
+    """2 processes × 1 row (gloo, CPU), killed after step 2 and resumed, against 1 process × 2 rows
+    uninterrupted: Trainer's sequential sampler hands process r the r-th row of each global batch."""
+    pytest.importorskip("accelerate")
+    import socket
+
+    import hf_trainer_worker as worker
+
+    reference = worker.model()
+    one = dk.AdapterTrainer(model=reference, args=worker.args(tmp_path / "one", 2), train_dataset=worker.dataset())
+    one.train()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines",
+           "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+           worker.__file__, str(out), "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads((out / "losses.json").read_text())
+    assert record["world_size"] == 2
+    assert record["killed"] == pytest.approx(_losses(one)[:2], rel=1e-5, abs=0)
+    assert record["resumed"] == pytest.approx(_losses(one), rel=1e-5, abs=0)
+    final = {f"base_model.model.{k}": v for k, v in dk.read_adapter(out / "final").tensors.items()}
+    _assert_same_adapter(final, _adapter(reference))
+    _assert_adapter_only_checkpoint(out / "checkpoint-2", reference)
+    assert {"rng_state_0.pth", "rng_state_1.pth"} <= set(_dir_bytes(out / "checkpoint-2"))
