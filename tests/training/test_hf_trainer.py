@@ -240,6 +240,22 @@ def test_final_save_model_loads_in_peft_with_the_same_logits(make_tiny: Callable
     assert not torch.allclose(plain, expected, rtol=0, atol=1e-4)  # the trained adapter changes the logits
 
 
+def test_load_best_model_at_end_loads_the_best_checkpoints_adapter(make_tiny: Callable, tmp_path: Path) -> None:
+    """"Best" is the highest eval loss (greater_is_better), so it is step 1, not the last step: loading it
+    has to change the model."""
+    model = _model(make_tiny)
+    args = _args(tmp_path / "hf", 3, save_steps=1, eval_strategy="steps", eval_steps=1, load_best_model_at_end=True,
+                 metric_for_best_model="loss", greater_is_better=True, learning_rate=0.05)
+    trainer = dk.AdapterTrainer(model=model, args=args, train_dataset=_dataset(_token_rows()),
+                                eval_dataset=_dataset(_token_rows()))
+    trainer.train()
+    assert Path(trainer.state.best_model_checkpoint).name == "checkpoint-1"
+    best, last = (dk.read_adapter(tmp_path / "hf" / f"checkpoint-{s}").tensors for s in (1, 3))
+    got = {k.removeprefix("base_model.model."): v for k, v in _adapter(model).items()}
+    _assert_same_adapter(got, best, rtol=0, atol=0)
+    _assert_adapter_differs(best, last)
+
+
 # ------------------------------------------------------------------------------------------ bad set-ups
 
 def test_refuses_a_model_without_adapters_and_a_peft_model(make_tiny: Callable, tmp_path: Path) -> None:
