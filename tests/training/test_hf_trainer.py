@@ -135,13 +135,13 @@ def test_trainer_trains_what_the_dorakit_loop_trains(make_tiny: Callable, tmp_pa
     _assert_adapter_differs(_adapter(ours), init)
 
 
-def _sft_trainer(model: nn.Module, out: Path, tok: object, max_steps: int, **overrides: object) -> object:
+def _sft_trainer(model: nn.Module, out: Path, tok: object, max_steps: int, **trainer_kw: object) -> object:
     import datasets
     import trl
 
-    args = trl.SFTConfig(**_arg_kw(out, max_steps, bf16=False, **overrides))  # SFTConfig defaults to bf16
+    args = trl.SFTConfig(**_arg_kw(out, max_steps, bf16=False))  # SFTConfig defaults to bf16 (autocast, CPU too)
     return dk.AdapterSFTTrainer(model=model, args=args, processing_class=tok,
-                                train_dataset=datasets.Dataset.from_list([{"text": t} for t in TEXTS]))
+                                train_dataset=datasets.Dataset.from_list([{"text": t} for t in TEXTS]), **trainer_kw)
 
 
 def test_sft_trainer_trains_what_the_dorakit_loop_trains(make_tiny: Callable, tmp_path: Path) -> None:
@@ -265,6 +265,17 @@ def test_refuses_a_model_without_adapters_and_a_peft_model(make_tiny: Callable, 
     peft_model = peft.get_peft_model(make_tiny("llama").model, peft.LoraConfig(r=2, target_modules=["q_proj"]))
     with pytest.raises(dk.TrainerSetupError, match="PEFT model"):
         dk.AdapterTrainer(model=peft_model, args=_args(tmp_path, 1))
+    with pytest.raises(dk.TrainerSetupError, match="adapter_task_type must be one of"):
+        dk.AdapterTrainer(model=_model(make_tiny), args=_args(tmp_path, 1), adapter_task_type="causal")
+
+
+def test_sft_trainer_refuses_a_peft_config(make_tiny: Callable, tmp_path: Path) -> None:
+    """SFTTrainer wraps the model in a PeftModel when given a peft_config: two adapter systems at once."""
+    peft = pytest.importorskip("peft")
+    pytest.importorskip("trl")
+    tok = word_tokenizer(tmp_path / "tok", TEXTS, pad=True)
+    with pytest.raises(dk.TrainerSetupError, match="got a peft_config"):
+        _sft_trainer(_model(make_tiny), tmp_path / "sft", tok, 1, peft_config=peft.LoraConfig(r=2))
 
 
 def test_resume_from_a_whole_model_checkpoint_says_so(make_tiny: Callable, tmp_path: Path) -> None:

@@ -34,10 +34,24 @@ from ..adapters.inject import adapter_config
 from ..formats.dispatch import load_adapter, save_adapter
 
 TRAINING_ARGS_NAME = "training_args.bin"  # what Trainer._save writes beside the weights
+TASK_TYPES = ("auto", None, "CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
+"""AdapterTrainerMixin's adapter_task_type: "auto", None, or one of PEFT's TaskType values."""
 
 
 class TrainerSetupError(ValueError):
     """A Trainer set up in a way the adapter checkpoints cannot serve (no adapters, PEFT, FSDP, DeepSpeed)."""
+
+
+def _check_model(model: nn.Module, trainer: str) -> None:
+    """Refuse, with the fix, a model whose checkpoints the mixin cannot write: a PEFT model, or no adapters."""
+    if type(model).__module__.startswith("peft.") or hasattr(model, "peft_config"):
+        raise TrainerSetupError(f"{trainer} got a PEFT model (a peft_config, or a PeftModel): train it with the plain "
+                                "Trainer / SFTTrainer, or pass a model with dorakit adapters and no peft_config.")
+    try:
+        adapter_config(model)
+    except RuntimeError:
+        raise TrainerSetupError(f"{trainer} needs a model with dorakit adapters: call dk.apply_adapters(model, cfg) "
+                                "(or dk.load_adapter) before building the trainer.") from None
 
 
 def causal_lm_task_type(model: nn.Module) -> str | None:
@@ -55,7 +69,13 @@ class AdapterTrainerMixin:
 
     Args:
         adapter_task_type: the ``task_type`` written to adapter_config.json; "auto" (the default)
-            writes "CAUSAL_LM" for a ``*ForCausalLM`` model and nothing otherwise.
+            writes "CAUSAL_LM" for a ``*ForCausalLM`` model and nothing otherwise; None writes nothing.
+
+    What has to match for Trainer to train the adapters dorakit's own loop trains (tested): AdamW
+    (``optim="adamw_torch"``) with the same lr, no warmup, ``lr_scheduler_type="constant"`` against
+    ``schedule="constant"``, the same weight decay and ``max_grad_norm``, the same batches in the same
+    order (``train_sampling_strategy="sequential"``, transformers >= 5.2, against ``Batches(shuffle=False)``),
+    no gradient accumulation, dropout off, fp32 (``SFTConfig`` defaults to ``bf16=True``).
     """
 
     # Set by transformers.Trainer; declared so that type checkers know the mixin's expectations.
@@ -67,26 +87,22 @@ class AdapterTrainerMixin:
     data_collator: Any
 
     def __init__(self, *args: Any, adapter_task_type: str | None = "auto", **kwargs: Any) -> None:
+        if adapter_task_type not in TASK_TYPES:
+            raise TrainerSetupError(f"adapter_task_type must be one of {TASK_TYPES}, got {adapter_task_type!r}.")
+        if kwargs.get("peft_config") is not None:
+            raise TrainerSetupError(f"{type(self).__name__} got a peft_config: the model's dorakit adapters are what it "
+                                    "trains; drop peft_config (or use the plain SFTTrainer for a PEFT model).")
+        model = kwargs.get("model", args[0] if args else None)
+        if isinstance(model, nn.Module):  # before Trainer (or SFTTrainer's dataset preparation) does any work
+            _check_model(model, type(self).__name__)
         super().__init__(*args, **kwargs)  # type: ignore[call-arg]
         self.adapter_task_type = adapter_task_type
-        self._check_setup()
-
-    def _check_setup(self) -> None:
-        """Refuse, with the fix, the set-ups whose checkpoints this mixin cannot write."""
-        name = type(self).__name__
-        if type(self.model).__module__.startswith("peft.") or hasattr(self.model, "peft_config"):
-            raise TrainerSetupError(f"{name} got a PEFT model (a peft_config, or a PeftModel): train it with the plain "
-                                    "Trainer / SFTTrainer, or pass a model with dorakit adapters and no peft_config.")
-        try:
-            adapter_config(self.model)
-        except RuntimeError:
-            raise TrainerSetupError(f"{name} needs a model with dorakit adapters: call dk.apply_adapters(model, cfg) "
-                                    "(or dk.load_adapter) before building the trainer.") from None
+        _check_model(self.model, type(self).__name__)  # e.g. SFTTrainer wrapped it with its peft_config
         for flag, what in (("is_fsdp_enabled", "FSDP"), ("is_deepspeed_enabled", "DeepSpeed")):
             if getattr(self, flag, False):
-                raise TrainerSetupError(f"{name} does not support {what} (its checkpoints gather the whole model); "
-                                        "train with one process or DDP (accelerate launch without an FSDP / DeepSpeed "
-                                        "config), or use dorakit finetune --strategy fsdp.")
+                raise TrainerSetupError(f"{type(self).__name__} does not support {what} (its checkpoints gather the "
+                                        "whole model); train with one process or DDP (accelerate launch without an "
+                                        "FSDP / DeepSpeed config), or use dorakit finetune --strategy fsdp.")
 
     def _adapter_model(self) -> nn.Module:
         """The model without DDP or torch.compile wrappers: the one whose adapters are saved and loaded."""
