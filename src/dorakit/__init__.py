@@ -47,11 +47,15 @@ from .adapters.params import (
 from .formats.peft_format import AdapterFileError
 from .adapters.quant import Linear4bitAdapter, quantize_linear, quantize_model
 from .adapters.vera import VeraAdapter
+from .training.hf_trainer import AdapterTrainerMixin, TrainerSetupError
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AdapterConfig",
+    "AdapterSFTTrainer",
+    "AdapterTrainer",
+    "AdapterTrainerMixin",
     "AdapterFileError",
     "AdapterFiles",
     "AdapterLayer",
@@ -65,6 +69,7 @@ __all__ = [
     "Linear4bitAdapter",
     "LinearAdapter",
     "TargetError",
+    "TrainerSetupError",
     "VeraAdapter",
     "WrappedModule",
     "adapter_config",
@@ -93,3 +98,12 @@ __all__ = [
     "trainable_summary",
     "unmerge_adapters",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """``AdapterTrainer`` / ``AdapterSFTTrainer`` import transformers / trl, so they are built on first use."""
+    if name in ("AdapterTrainer", "AdapterSFTTrainer"):
+        from .training import hf_trainer
+
+        return getattr(hf_trainer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
