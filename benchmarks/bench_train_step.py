@@ -29,6 +29,7 @@ PRESETS = {  # hidden, intermediate, layers, heads, kv heads, batch, seq
     "llama-1b": (2048, 5632, 22, 32, 4, 4, 1024),
     "llama-1b-long": (2048, 5632, 22, 32, 4, 1, 4096),
     "llama-8b-4l": (4096, 14336, 4, 32, 8, 1, 4096),   # LLaMA-3-8B layer shape, 4 layers
+    "32b-2l": (5120, 27648, 2, 40, 8, 1, 4096),        # a 32B-shaped layer stack (Qwen2.5-32B widths), 2 layers
 }
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # dorakit-dora runs backend="auto" (triton on CUDA, fused on CPU); -fused / -torch force a backend.

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# One GPU session's checks and measurements (issues 22 / 25), each step logged to $OUT (or ./gpu-logs).
+# Run from the repository root on a CUDA machine with torch, transformers, peft and triton installed:
+#     STEP=tests bash benchmarks/gpu_run.sh      # the gpu-marked tests + the kernel / op / compile tests on CUDA
+#     STEP=rank bash benchmarks/gpu_run.sh       # high rank: 8B-layer and 32B-shaped stacks, r = 256 / 384 / 512
+#     STEP=compile bash benchmarks/gpu_run.sh    # compile time and compiled steps, 1B and 8B-layer shapes
+#     STEP=eager bash benchmarks/gpu_run.sh      # the eager 1B step and the README's headline loop table
+set -uo pipefail
+LOG=${OUT:-gpu-logs}; mkdir -p "$LOG"
+export PYTHONPATH=$PWD/src:${PYTHONPATH:-} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+run() { echo "+ $*" | tee -a "$LOG/$STEP.log"; "$@" 2>&1 | tee -a "$LOG/$STEP.log"; }
+python -c "import torch, sys; print(torch.__version__, torch.cuda.get_device_name(), sys.version)" | tee -a "$LOG/$STEP.log"
+git log -1 --format='commit %H %cd' 2>/dev/null | tee -a "$LOG/$STEP.log"
+case "$STEP" in
+tests)
+    run python -m pytest -q -p no:cacheprovider -m gpu tests --ignore tests/training/test_distributed.py \
+        --ignore tests/test_docs.py -x --timeout 240
+    run python -m pytest -q -p no:cacheprovider tests/adapters/test_kernels.py tests/adapters/test_ops.py \
+        tests/training/test_compile.py -x --timeout 240 ;;
+rank)
+    for preset in llama-8b-4l 32b-2l; do for r in 256 384 512; do
+        run python benchmarks/bench_train_step.py --device cuda --preset $preset --rank $r --steps 10 --warmup 3 \
+            --methods dorakit-dora,peft-dora,peft-lora
+    done; done ;;
+compile)
+    run python benchmarks/bench_compile.py --device cuda --dtype bfloat16 --backend inductor --repeats 2 \
+        --width 2048 --layers 8 --rank 16 --batch 4096
+    run python benchmarks/bench_train_step.py --device cuda --preset llama-1b --steps 10 --warmup 3 \
+        --methods frozen+compile,dorakit-lora+compile,dorakit-dora+compile ;;
+eager)
+    run python benchmarks/bench_train_step.py --device cuda --preset llama-1b --steps 10 --warmup 3 --rounds 2 \
+        --methods frozen,dorakit-lora,dorakit-dora,peft-dora ;;
+*) echo "STEP must be tests, rank, compile or eager" >&2; exit 2 ;;
+esac
