@@ -21,6 +21,7 @@ import transformers  # noqa: E402
 from conftest import _llama  # noqa: E402
 
 import dorakit as dk  # noqa: E402
+from dorakit.training.distributed import leave_process_group  # noqa: E402
 
 ROWS, SEQ, VOCAB = 8, 6, 64
 
@@ -75,3 +76,4 @@ def main(out: Path, per_device: int) -> None:
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]), int(sys.argv[2]))
+    leave_process_group()  # under gloo, leaving without it can abort at exit (see distributed.teardown)

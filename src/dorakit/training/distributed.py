@@ -147,14 +147,24 @@ def teardown(finished: bool = True) -> None:
     after the last collective: the worker thread is already at that point and needs microseconds.
     """
     global _JOINED
-    if _JOINED and dist.is_initialized():
-        gloo = dist.get_backend() == "gloo"
-        if finished:
-            dist.barrier()
-        dist.destroy_process_group()
-        if gloo:
-            time.sleep(GLOO_DRAIN_S)
+    if _JOINED:
+        leave_process_group(finished)
     _JOINED = False
+
+
+def leave_process_group(finished: bool = True) -> None:
+    """Leave the default process group, whoever made it (e.g. transformers.Trainer under ``accelerate
+    launch``), as teardown() does: a barrier first when every rank ``finished``, then, under gloo, the
+    GIL released for GLOO_DRAIN_S so gloo's worker threads free their last tensors before the
+    interpreter finalizes (see teardown). Call it at the end of a script that trains on CPU processes."""
+    if not dist.is_initialized():
+        return
+    gloo = dist.get_backend() == "gloo"
+    if finished:
+        dist.barrier()
+    dist.destroy_process_group()
+    if gloo:
+        time.sleep(GLOO_DRAIN_S)
 
 
 GLOO_DRAIN_S = 0.2
