@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Literal
 
 import torch
@@ -37,31 +35,11 @@ from .functional import (
     row_norm_sq,
     safe_sqrt,
 )
-from .kernels import BACKENDS, dora_linear, dora_prepare, lora_prepare, triton_available, triton_interpreted
+from .fast_path import TRITON_MAX_RANK, FastPath, cached_norms  # noqa: F401  (re-exported)
+from .kernels import BACKENDS
 
 Variant = Literal["lora", "dora", "magnitude"]
 VARIANTS: tuple[Variant, ...] = ("lora", "dora", "magnitude")
-
-
-def _autocast_dtype(x: Tensor) -> torch.dtype | None:
-    """The dtype autocast computes x's products in, or None where autocast is off."""
-    device = x.device.type
-    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-
-
-TRITON_MAX_RANK = 512
-"""The largest rank the Triton path takes (the largest its tests check): the kernels loop over the rank
-in tiles of at most 128, so their shared memory stays under the 101,376 bytes of an sm_86 / sm_89 GPU
-at any rank (tests/adapters/test_kernels.py compiles them for it); above it "auto" runs the fused path."""
-
-
-def _has_hooks(module: nn.Module) -> bool:
-    """Whether calling ``module`` would run forward (pre-)hooks of its own or global ones."""
-    from torch.nn.modules import module as nn_module
-
-    return bool(module._forward_hooks or module._forward_pre_hooks
-                or getattr(nn_module, "_global_forward_hooks", None)
-                or getattr(nn_module, "_global_forward_pre_hooks", None))
 
 
 class AdapterStateError(RuntimeError):
@@ -76,14 +54,14 @@ def adapter_dtype(weight: Tensor) -> torch.dtype:
     return torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
 
 
-class AdapterLayer(nn.Module):
-    """Base of all wrappers. Subclasses define the layout hooks below."""
+class AdapterLayer(FastPath, nn.Module):
+    """Base of all wrappers: parameters, the eager forward (the reference), merge / unmerge.
+
+    Subclasses define the layout hooks below; the fast paths and the norm cache are FastPath's."""
 
     channel_dim: int = -1
     """Dimension of the output that holds the out-features (the channel dimension for convolutions)."""
     supports_dropout: bool = True
-    supports_fused: bool = False
-    """Whether DoRA on this layer type has the fused / Triton paths of ``dorakit.adapters.kernels``."""
 
     def __init__(self, base_layer: nn.Module, variant: Variant = "dora", rank: int = 8, alpha: float = 16.0, *,
                  use_rslora: bool = False, dropout: float = 0.0, init: str = "kaiming",
@@ -197,15 +175,6 @@ class AdapterLayer(nn.Module):
         """B as (out, r)."""
         return None if self.lora_B is None else self.lora_B.flatten(1)
 
-    @staticmethod
-    def _cache_key(weight: Tensor) -> tuple[int, torch.dtype, torch.device, int]:
-        return (weight._version, weight.dtype, weight.device, weight.data_ptr())
-
-    def refresh_weight_cache(self) -> None:
-        """Drop the norm kept inside a cached_norms() block: call it there after writing W0, A or B
-        through ``.data`` (the one change cached_norms cannot see). Outside such a block nothing is cached."""
-        self._norm_cache = None
-
     def _norm(self, grad: bool) -> Tensor:
         """||W0 + sBA||_c, (out,), summed directly from the current W0, A, B; ||W0||_c (a constant)
         for magnitude-only. Nothing is cached: every call reads the tensors as they are now."""
@@ -214,45 +183,6 @@ class AdapterLayer(nn.Module):
                 return safe_sqrt(row_norm_sq(self.weight_2d()))
         with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
             return dora_norm(self.weight_2d(), self.lora_A_2d(), self.lora_B_2d(), self.scaling)
-
-    def _prepare(self, weight: Tensor, impl: str) -> tuple[Tensor | None, ...]:
-        """dorakit.adapters.kernels.dora_prepare (DoRA) or lora_prepare (LoRA: no norm) for W0 = ``weight``.
-
-        Both paths sum (w + s·BA)² directly (the Triton kernel, and kernels.direct_norm for "fused"),
-        so neither needs ||w||² nor a second pass over a W0 that FSDP may re-gather every step."""
-        if self.variant == "lora":
-            return lora_prepare(self.lora_A, self.lora_B, self.scaling, weight.dtype, impl)
-        return dora_prepare(weight, self.lora_A, self.lora_B, self.scaling, None, impl)
-
-    def _may_cache(self) -> bool:
-        """Whether _prepared may keep DoRA's norm: only inside cached_norms(), in eval mode, without grad."""
-        return (self._cache_depth > 0 and self.variant == "dora" and self.cache_norm and not self.training
-                and not torch.is_grad_enabled() and not torch.compiler.is_compiling())
-
-    def _prepared(self, impl: str) -> tuple[Tensor | None, ...]:
-        """_prepare for the current W0, A, B: (norm or None, A, s·A, B, s·B), no graph.
-
-        Computed afresh on every call, except inside a cached_norms() block (see there): a fused
-        optimizer updates A and B without bumping their version counters, and a write through
-        ``.data`` bypasses them too, so no key of the tensors can prove a cached norm current.
-        Inside the block the key (version counters, storage, s, impl) and an optimizer-step hook
-        still drop the cache on every change they can see.
-        """
-        if not self._may_cache():
-            return self._prepare(self.base_layer.weight, impl)
-        A, B = self.lora_A, self.lora_B
-        key = (self._cache_key(self.base_layer.weight), A._version, A.data_ptr(), B._version, B.data_ptr(),
-               self.scaling, impl)
-        if self._norm_cache is not None and self._norm_cache[0] == key:
-            return self._norm_cache[1]
-        prepared = self._prepare(self.base_layer.weight, impl)
-        self._norm_cache = (key, prepared)
-        return prepared
-
-    def train(self, mode: bool = True) -> AdapterLayer:
-        """nn.Module.train, dropping the norm kept by cached_norms() (see _prepared)."""
-        self._norm_cache = None
-        return super().train(mode)
 
     def dora_scale(self) -> Tensor:
         """g = m / ||W0 + sBA||_c, (out,), float32; the norm is a constant in backward unless norm_grad="exact"."""
@@ -264,11 +194,7 @@ class AdapterLayer(nn.Module):
             return self.base_layer(x)
         impl = self._fast_impl(x)
         if impl is not None:  # LoRA / DoRA through dorakit.adapters.kernels: one autograd Function, the norm a constant
-            cast = _autocast_dtype(x)
-            if cast is not None:
-                return self._fast_autocast(x, impl, cast)
-            return dora_linear(x, self.base_layer.weight, self.base_layer.bias, self.lora_A, self.lora_B,
-                               self._fast_magnitude(), self._prepared(impl), impl)
+            return self._fast_forward(x, impl)
         if self.variant == "lora":
             y = self.base_layer(x)
             return (y + self.scaling * self._lora(self.lora_dropout(x))).to(y.dtype)
@@ -283,79 +209,6 @@ class AdapterLayer(nn.Module):
         else:
             y = dora_combine(base, self._lora(x), scale, self.scaling, self.channel_dim)
         return add_bias(y, getattr(self.base_layer, "bias", None), self.channel_dim).to(base.dtype)
-
-    def _fast_autocast(self, x: Tensor, impl: str, dtype: torch.dtype) -> Tensor:
-        """The kernels under autocast, as autocast runs F.linear: x, W0 and the bias cast to ``dtype``
-        (a transient copy of W0, as autocast makes), the kernels themselves outside autocast."""
-        weight, bias = self.base_layer.weight.to(dtype), self.base_layer.bias
-        with torch.autocast(x.device.type, enabled=False):
-            prepared = self._prepare(weight, impl)
-            return dora_linear(x.to(dtype), weight, None if bias is None else bias.to(dtype), self.lora_A,
-                               self.lora_B, self._fast_magnitude(), prepared, impl)
-
-    def _fast_magnitude(self) -> Tensor | None:
-        """m for DoRA; None tells dora_linear to run LoRA."""
-        return self.magnitude if self.variant == "dora" else None
-
-    # ---- backend choice ------------------------------------------------------------------------
-    def _static_unsupported(self, impl: str) -> str | None:
-        """Why ``impl`` ("fused" / "triton") can never run this adapter, or None."""
-        if not self.supports_fused:
-            return f"only nn.Linear adapters have it, not {type(self).__name__}"
-        if self.variant == "magnitude":
-            return "it implements LoRA and DoRA, not variant='magnitude'"
-        if self.variant == "dora" and self.norm_grad != "detach":
-            return "it treats the norm as a constant (norm_grad='detach'), not norm_grad='exact'"
-        if impl == "triton" and not triton_available():
-            return "triton is not installed"
-        if impl == "triton" and self.rank > TRITON_MAX_RANK:
-            return (f"rank {self.rank} > {TRITON_MAX_RANK}, the largest rank the kernels are tested at (their rank "
-                    "tiles keep shared memory within an sm_86 GPU's at any rank, but higher ranks are untested)")
-        return None
-
-    def _runtime_unsupported(self, impl: str, x: Tensor) -> str | None:
-        """Why ``impl`` cannot run this call (dropout while training, autocast, dtypes, device), or None."""
-        weight = self.base_layer.weight
-        if self.training and isinstance(self.lora_dropout, nn.Dropout):
-            return "dropout > 0 while training (PEFT's dropout formula runs on the eager path)"
-        cast = _autocast_dtype(x)
-        if cast is not None and cast not in (torch.float16, torch.bfloat16):
-            return f"autocast to {cast} (the kernels follow autocast to float16 / bfloat16 only)"
-        if cast is None and x.dtype != weight.dtype:
-            return f"the input is {x.dtype} but W0 is {weight.dtype}"
-        if weight.requires_grad:
-            return "W0 requires grad (it is frozen in an adapter)"
-        if self.variant == "lora" and _has_hooks(self.base_layer):
-            return "the base layer has forward hooks (the eager LoRA path calls it, so they run)"
-        if impl == "triton":
-            if cast is None and weight.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-                return f"the kernels take float16, bfloat16 or float32, not {weight.dtype}"
-            if not weight.is_cuda and not triton_interpreted():
-                return f"the kernels need a CUDA device (or TRITON_INTERPRET=1), not {weight.device}"
-        return None
-
-    def _fast_impl(self, x: Tensor) -> str | None:
-        """The dorakit.adapters.kernels path for this call ("fused" / "triton"), or None for the eager reference.
-
-        "auto" takes triton for DoRA on CUDA (triton installed), else fused, else the eager path (never
-        the Triton interpreter); LoRA's triton path only makes the adapter copies in one launch, which
-        costs the host more than the fused path's torch copies (same products), so "auto" runs LoRA fused;
-        an explicit "fused" / "triton" that cannot run this call raises instead of falling back.
-        """
-        if self.backend == "torch" or self.variant == "magnitude":
-            return None
-        if self.backend == "auto":
-            for impl in ("triton", "fused") if self.variant == "dora" else ("fused",):
-                if impl == "triton" and not x.is_cuda:
-                    continue
-                if self._static_unsupported(impl) is None and self._runtime_unsupported(impl, x) is None:
-                    return impl
-            return None
-        reason = self._runtime_unsupported(self.backend, x)
-        if reason:
-            raise RuntimeError(f"backend={self.backend!r} cannot run this call: {reason}. Use backend='auto' "
-                               "(falls back to the eager path where needed) or 'torch'.")
-        return self.backend
 
     # ---- merge / unmerge -----------------------------------------------------------------------
     @torch.no_grad()
@@ -509,38 +362,3 @@ class EmbeddingAdapter(AdapterLayer):
             raise ValueError(f"init must be 'kaiming' or 'gaussian', got {init!r}.")
         nn.init.zeros_(self.lora_A)
         nn.init.normal_(self.lora_B)
-
-
-@contextmanager
-def cached_norms(model: nn.Module) -> Iterator[None]:
-    """Inside this block, each DoRA layer of ``model`` computes ||W0 + sBA||_c once and reuses it.
-
-    For generation and evaluation with unmerged adapters (the decode loop would otherwise recompute
-    every norm for every token). It applies to DoRA on the fused / Triton paths (nn.Linear), in eval
-    mode, without grad; everything else runs as outside the block.
-
-    Contract: W0, A and B do not change inside the block. Changes dorakit can see still drop the
-    cache: in-place ops (version counters: ``copy_``, ``load_state_dict``, ``add_`` under no_grad),
-    replaced or moved tensors, ``train()`` / ``eval()``, and any ``torch.optim`` optimizer step
-    (fused, foreach or for-loop, through a global step hook). A write through ``.data`` cannot be
-    seen: after one, call ``layer.refresh_weight_cache()``. Caches are dropped on entry and on exit.
-    """
-    from torch.optim.optimizer import register_optimizer_step_post_hook
-
-    layers = [m for m in model.modules() if isinstance(m, AdapterLayer)]
-
-    def drop(*_: object) -> None:
-        for layer in layers:
-            layer._norm_cache = None
-
-    handle = register_optimizer_step_post_hook(drop)
-    for layer in layers:
-        layer._cache_depth += 1
-    drop()
-    try:
-        yield
-    finally:
-        handle.remove()
-        for layer in layers:
-            layer._cache_depth -= 1
-        drop()

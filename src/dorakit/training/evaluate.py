@@ -37,7 +37,7 @@ from .data import (
     pad_token_id,
     tokenize_causal,
 )
-from ..adapters.layers import cached_norms
+from ..adapters.fast_path import cached_norms
 
 # Paper Table 1 column order, and the column titles it uses.
 TASKS = ("boolq", "piqa", "social_i_qa", "hellaswag", "winogrande", "ARC-Easy", "ARC-Challenge", "openbookqa")
