@@ -48,6 +48,8 @@ def args(out: Path, per_device: int) -> transformers.TrainingArguments:
 
 
 class StopAt(transformers.TrainerCallback):
+    """Ends training after step ``at`` (its checkpoint already written): a run killed there."""
+
     def __init__(self, at: int) -> None:
         self.at = at
 

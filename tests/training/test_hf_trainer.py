@@ -99,16 +99,7 @@ def _assert_adapter_differs(a: dict[str, Tensor], b: dict[str, Tensor]) -> None:
     assert all(not torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in a)
 
 
-class _StopAt(transformers.TrainerCallback):
-    """Ends training after step ``at`` (its checkpoint already written): a run killed there."""
-
-    def __init__(self, at: int) -> None:
-        self.at = at
-
-    def on_step_end(self, args: object, state: object, control: object, **kw: object) -> object:
-        if state.global_step == self.at:
-            control.should_training_stop = True
-        return control
+from hf_trainer_worker import StopAt as _StopAt  # noqa: E402  (a run killed after step `at`)
 
 
 def _dir_bytes(path: Path) -> dict[str, int]:
