@@ -155,8 +155,9 @@ def _run_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     try:
-        return run_demo(args.output_dir, methods=args.methods, max_steps=args.max_steps,
-                        train_size=args.train_size, test_size=args.test_size, seed=args.seed)
+        return run_demo(args.output_dir, methods=args.methods, max_steps=args.max_steps, train_size=args.train_size,
+                        test_size=args.test_size, seed=args.seed, keep_full_model=args.keep_full_model,
+                        verbose=args.verbose)
     except KeyboardInterrupt as e:
         print(f"interrupted: {e}", file=sys.stderr)
         return EXIT_INTERRUPTED
