@@ -2,7 +2,8 @@
 report (ANSI codes, and a misleading ``classifier.weight | MISSING`` in merge: the adapter restores the head)
 and its progress bars appear only with ``--verbose``; nothing imports peft or bitsandbytes without a 4-bit base.
 
-Output is captured at the file descriptors (capfd): transformers' log handler holds the stderr of its import.
+Output is captured at the file descriptors (capfd) and from logging (caplog): transformers' log handler
+writes to the stderr of whenever it was set up, which in a test session may be another test's capture.
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ def _noise(text: str) -> list[str]:
 
 
 @pytest.fixture
-def classifier_run(minilm_path: Path, tmp_path: Path, capfd: pytest.CaptureFixture) -> Path:
+def classifier_run(minilm_path: Path, tmp_path: Path, capfd: pytest.CaptureFixture,
+                   caplog: pytest.LogCaptureFixture) -> Path:
     data = tmp_path / "two.jsonl"
     data.write_text("".join(json.dumps({"text": t, "label": ["pos", "neg"][i // 2]}) + "\n"
                             for i, t in enumerate(TEXTS)))
@@ -37,23 +39,25 @@ def classifier_run(minilm_path: Path, tmp_path: Path, capfd: pytest.CaptureFixtu
     assert main(["finetune", "--model", str(minilm_path), "--data", str(data), "--output-dir", str(out),
                  "--rank", "4", "--max-steps", "1", "--batch-size", "4", "--max-len", "16", "--device", "cpu"]) == 0
     captured = capfd.readouterr()
-    assert "saved to" in captured.out and not _noise(captured.out + captured.err)
+    assert "saved to" in captured.out and not _noise(captured.out + captured.err + caplog.text)
     return out
 
 
 def test_merge_is_quiet_unless_verbose(minilm_path: Path, classifier_run: Path, tmp_path: Path,
-                                       capfd: pytest.CaptureFixture) -> None:
+                                       capfd: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture) -> None:
     argv = ["merge", "--model", str(minilm_path), "--adapter", str(classifier_run / "final")]
+    caplog.clear()
     assert main([*argv, "--output", str(tmp_path / "quiet")]) == 0
     quiet = capfd.readouterr()
     assert quiet.out.strip() == f"merged model written to {tmp_path / 'quiet'}"
-    assert not _noise(quiet.out + quiet.err), quiet.err
+    assert not _noise(quiet.out + quiet.err + caplog.text), quiet.err + caplog.text
     assert main([*argv, "--output", str(tmp_path / "loud"), "--verbose"]) == 0
-    loud = capfd.readouterr()
-    assert "LOAD REPORT" in loud.err and "classifier.weight" in loud.err  # the flag does show it
+    loud = capfd.readouterr().err + caplog.text
+    assert "LOAD REPORT" in loud and "classifier.weight" in loud  # the flag does show it
 
 
-def test_eval_is_quiet_unless_verbose(tmp_path: Path, capfd: pytest.CaptureFixture) -> None:
+def test_eval_is_quiet_unless_verbose(tmp_path: Path, capfd: pytest.CaptureFixture,
+                                      caplog: pytest.LogCaptureFixture) -> None:
     import transformers
 
     test_file = shared_task_file("boolq")
@@ -65,10 +69,11 @@ def test_eval_is_quiet_unless_verbose(tmp_path: Path, capfd: pytest.CaptureFixtu
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(cfg).save_pretrained(model_dir)
     capfd.readouterr()
+    caplog.clear()
     argv = ["eval", "--model", str(model_dir), "--data", str(test_file), "--limit", "2", "--device", "cpu"]
     assert main(argv) == 0
     quiet = capfd.readouterr()
-    assert "| loglik |" in quiet.out and not _noise(quiet.out + quiet.err), quiet.err
+    assert "| loglik |" in quiet.out and not _noise(quiet.out + quiet.err + caplog.text), quiet.err
     assert main([*argv, "--verbose"]) == 0
     assert "Loading weights" in capfd.readouterr().err
 
