@@ -87,6 +87,7 @@ def test_demo_runs_twice_into_its_default_folder(tmp_path: Path, monkeypatch: py
     assert second.splitlines()[0] == f"dorakit demo: output in {out} (replacing the previous demo output there)"
     assert not stale.exists() and (out / "notes.txt").read_text() == "mine"
     assert "| full |" in (out / "report.md").read_text() and "test acc. %" in second
+    assert "deleted the full fine-tune's checkpoints and model" in second
     assert (out / "full" / "summary.json").is_file() and (out / "full" / "deltas.json").is_file()
     assert not (out / "full" / "final").exists() and not (out / "full" / "checkpoints").exists()
     assert (out / "lora" / "final" / "adapter_model.safetensors").is_file()

@@ -135,6 +135,16 @@ def _finetune(method: str, out: Path, train: Path, test: Path, steps: int, seed:
     return {**summary, "wall_s": time.perf_counter() - start, "peak_rss_mib": usage.ru_maxrss / 1024}
 
 
+def _drop_full_model(run: Path) -> None:
+    """Delete a full fine-tune's checkpoints and final model (its summary, metrics and ΔM / ΔD stay), saying so."""
+    doomed = [run / name for name in ("checkpoints", "final") if (run / name).is_dir()]
+    size = sum(f.stat().st_size for d in doomed for f in d.rglob("*") if f.is_file())
+    for d in doomed:
+        shutil.rmtree(d)
+    print(f"deleted the full fine-tune's checkpoints and model ({size / 2**20:.0f} MiB; the report needs only "
+          "its summary): pass --keep-full-model to keep them", flush=True)
+
+
 def run_demo(output_dir: str | None, *, methods: list[str], max_steps: int = 0, train_size: int = 0,
              test_size: int = 0, seed: int = 0, keep_full_model: bool = False, verbose: bool = False) -> int:
     """Fine-tune MiniLM on Rotten Tomatoes with each method; print and write the comparison."""
@@ -152,8 +162,7 @@ def run_demo(output_dir: str | None, *, methods: list[str], max_steps: int = 0, 
         summary = _finetune(method, out, train, test, steps, seed, test_size, verbose)
         rows.append({"method": method, **summary})
         if method == "full" and not keep_full_model:  # the table needs its summary, not a copy of the model
-            for name in ("checkpoints", "final"):
-                shutil.rmtree(out / method / name, ignore_errors=True)
+            _drop_full_model(out / method)
     fits = analyze_runs([out / m for m in methods], out / "analysis", module_type="query")
     label = {"full": "ft"}
     for row in rows:
