@@ -6,50 +6,37 @@
     print(dk.trainable_summary(model))
     dk.merge_adapters(model); dk.unmerge_adapters(model)
     plain = dk.merge_and_unload(model)
+
+Importing ``dorakit`` itself is light: each public name below is imported from its submodule on first
+use (PEP 562 ``__getattr__``), so the command line's ``--help`` never loads torch.
 """
 
-from .adapters import functional, kernels
-from .adapters.config import AdapterConfig, ConfigError
-from .adapters.inject import (
-    AdapterPlan,
-    InjectionReport,
-    TargetError,
-    WrappedModule,
-    adapter_config,
-    adapter_layers,
-    adapters_disabled,
-    apply_adapters,
-    install_adapters,
-    merge_adapters,
-    merge_and_unload,
-    plan_adapters,
-    remove_adapters,
-    unmerge_adapters,
-)
-from .formats.dispatch import load_adapter, save_adapter
-from .formats.io import AdapterFiles, convert_bin_adapter, peft_state_dict, read_adapter
-from .adapters.layers import (
-    AdapterLayer,
-    AdapterStateError,
-    Conv1DAdapter,
-    ConvAdapter,
-    EmbeddingAdapter,
-    LinearAdapter,
-    cached_norms,
-)
-from .adapters.params import (
-    adapter_parameters,
-    adapter_state_dict,
-    count_parameters,
-    trainable_parameters,
-    trainable_summary,
-)
-from .formats.peft_format import AdapterFileError
-from .adapters.quant import Linear4bitAdapter, quantize_linear, quantize_model
-from .adapters.vera import VeraAdapter
-from .training.hf_trainer import AdapterTrainerMixin, TrainerSetupError
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
+
+_SOURCES: dict[str, tuple[str, ...]] = {
+    ".adapters": ("functional", "kernels"),
+    ".adapters.config": ("AdapterConfig", "ConfigError"),
+    ".adapters.inject": ("AdapterPlan", "InjectionReport", "TargetError", "WrappedModule", "adapter_config",
+                         "adapter_layers", "adapters_disabled", "apply_adapters", "install_adapters",
+                         "merge_adapters", "merge_and_unload", "plan_adapters", "remove_adapters",
+                         "unmerge_adapters"),
+    ".formats.dispatch": ("load_adapter", "save_adapter"),
+    ".formats.io": ("AdapterFiles", "convert_bin_adapter", "peft_state_dict", "read_adapter"),
+    ".adapters.layers": ("AdapterLayer", "AdapterStateError", "Conv1DAdapter", "ConvAdapter", "EmbeddingAdapter",
+                         "LinearAdapter", "cached_norms"),
+    ".adapters.params": ("adapter_parameters", "adapter_state_dict", "count_parameters", "trainable_parameters",
+                         "trainable_summary"),
+    ".formats.peft_format": ("AdapterFileError",),
+    ".adapters.quant": ("Linear4bitAdapter", "quantize_linear", "quantize_model"),
+    ".adapters.vera": ("VeraAdapter",),
+    ".training.hf_trainer": ("AdapterTrainerMixin", "TrainerSetupError", "AdapterTrainer", "AdapterSFTTrainer"),
+}
+_SOURCE_OF = {name: module for module, names in _SOURCES.items() for name in names}
 
 __all__ = [
     "AdapterConfig",
@@ -101,9 +88,33 @@ __all__ = [
 
 
 def __getattr__(name: str) -> object:
-    """``AdapterTrainer`` / ``AdapterSFTTrainer`` import transformers / trl, so they are built on first use."""
-    if name in ("AdapterTrainer", "AdapterSFTTrainer"):
-        from .training import hf_trainer
+    """A public name, imported from its submodule on first use and then kept as a module attribute."""
+    module = _SOURCE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
 
-        return getattr(hf_trainer, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
+
+if TYPE_CHECKING:  # type checkers and IDEs see the names eagerly
+    from .adapters import functional, kernels
+    from .adapters.config import AdapterConfig, ConfigError
+    from .adapters.inject import (AdapterPlan, InjectionReport, TargetError, WrappedModule, adapter_config,
+                                  adapter_layers, adapters_disabled, apply_adapters, install_adapters,
+                                  merge_adapters, merge_and_unload, plan_adapters, remove_adapters,
+                                  unmerge_adapters)
+    from .adapters.layers import (AdapterLayer, AdapterStateError, Conv1DAdapter, ConvAdapter, EmbeddingAdapter,
+                                  LinearAdapter, cached_norms)
+    from .adapters.params import (adapter_parameters, adapter_state_dict, count_parameters, trainable_parameters,
+                                  trainable_summary)
+    from .adapters.quant import Linear4bitAdapter, quantize_linear, quantize_model
+    from .adapters.vera import VeraAdapter
+    from .formats.dispatch import load_adapter, save_adapter
+    from .formats.io import AdapterFiles, convert_bin_adapter, peft_state_dict, read_adapter
+    from .formats.peft_format import AdapterFileError
+    from .training.hf_trainer import AdapterSFTTrainer, AdapterTrainer, AdapterTrainerMixin, TrainerSetupError

@@ -63,3 +63,50 @@ def test_demo_refuses_a_non_empty_output_dir(tmp_path: Path, capsys: pytest.Capt
     assert main(["demo", "--output-dir", str(tmp_path)]) == 2
     assert "not empty" in capsys.readouterr().err
     assert (tmp_path / "keep.txt").read_text() == "mine"
+
+
+TINY = ["--max-steps", "2", "--train-size", "32", "--test-size", "16", "--methods", "full", "lora"]
+
+
+@needs_packages
+def test_demo_runs_twice_into_its_default_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture) -> None:
+    """The default folder is under $XDG_CACHE_HOME, named in the first line; a second run replaces the
+    first's output (and says so), keeps a file of the user's there, and the full fine-tune's model and
+    checkpoints are gone once its summary is in the report."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    out = tmp_path / "cache" / "dorakit" / "demo"
+    assert main(["demo", *TINY]) == 0
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first == f"dorakit demo: output in {out}"
+    (out / "notes.txt").write_text("mine")
+    stale = out / "lora" / "stale.txt"
+    stale.write_text("from the first run")
+    assert main(["demo", *TINY]) == 0
+    second = capsys.readouterr().out
+    assert second.splitlines()[0] == f"dorakit demo: output in {out} (replacing the previous demo output there)"
+    assert not stale.exists() and (out / "notes.txt").read_text() == "mine"
+    assert "| full |" in (out / "report.md").read_text() and "test acc. %" in second
+    assert "deleted the full fine-tune's checkpoints and model" in second
+    assert (out / "full" / "summary.json").is_file() and (out / "full" / "deltas.json").is_file()
+    assert not (out / "full" / "final").exists() and not (out / "full" / "checkpoints").exists()
+    assert (out / "lora" / "final" / "adapter_model.safetensors").is_file()
+
+
+def test_demo_refuses_a_foreign_folder_at_its_default_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    mine = tmp_path / "dorakit" / "demo" / "sub"
+    mine.mkdir(parents=True)
+    (mine / "keep.txt").write_text("mine")
+    assert main(["demo", "--max-steps", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "not empty" in err and "no previous demo output" in err
+    assert sorted(p.name for p in (tmp_path / "dorakit" / "demo").rglob("*")) == ["keep.txt", "sub"]
+
+
+def test_demo_default_folder_is_outside_the_checkout(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    assert demo.default_output_dir() == Path.home() / ".cache" / "dorakit" / "demo"
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/ignored")  # the XDG spec: a relative path is invalid
+    assert demo.default_output_dir() == Path.home() / ".cache" / "dorakit" / "demo"

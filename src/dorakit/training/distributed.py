@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-STRATEGIES = ("none", "ddp", "fsdp")
+from .config import STRATEGIES
 LAUNCH = ("torchrun --nproc-per-node N -m dorakit finetune ... (or accelerate launch --multi_gpu "
           "--num_processes N -m dorakit finetune ...)")
 
