@@ -71,3 +71,22 @@ def write_json(path: Path, obj: Any) -> Path:
     """Write ``obj`` as indented JSON (one key per line, like the LLM-Adapters files) and return the path."""
     path.write_text(json.dumps(obj, indent=4), encoding="utf-8")
     return path
+
+
+CHAT_TEMPLATE = ("{{ bos_token }} {% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|> {% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|> {% endif %}")
+"""A ChatML-like Jinja chat template whose markers are whole words of ``word_tokenizer``."""
+CHAT_WORDS = "<|system|> <|user|> <|assistant|> <|tool|> <|end|>"
+
+
+def chat_tokenizer(directory: Path, texts: Iterable[str], template: str | None = CHAT_TEMPLATE) -> Any:
+    """``word_tokenizer`` over ``texts`` and the chat markers, with ``template`` as its chat template
+    (saved to ``directory`` and loaded back, so it comes from the tokenizer folder as a user's would)."""
+    from transformers import AutoTokenizer
+
+    tok = word_tokenizer(directory, [*texts, CHAT_WORDS])
+    if template is not None:
+        tok.chat_template = template
+        tok.save_pretrained(directory)
+        tok = AutoTokenizer.from_pretrained(directory)
+    return tok

@@ -120,10 +120,18 @@ def _finetune_flags(p: argparse.ArgumentParser) -> None:
                    help="auto: read it from the model's config.json (causal LM, or sequence classification)")
     g = p.add_argument_group("data")
     g.add_argument("--data", required=True, help="training data: .json list, .jsonl, or a datasets directory "
-                   "(LLM-Adapters {instruction, input, output} or {text, label})")
-    g.add_argument("--max-len", type=_integer(1, 256), default=256, help="token cut-off per example")
+                   "(LLM-Adapters {instruction, input, output}; chat {messages}, {prompt, completion} or {text}; "
+                   "classification {text, label})")
+    g.add_argument("--max-len", type=_integer(1, 256), default=256, help="token cut-off per example (with --pack: "
+                   "per packed row)")
     g.add_argument("--train-on-inputs", action=argparse.BooleanOptionalAction, default=False,
-                   help="also train on the prompt's tokens, not only on the answer's")
+                   help="also train on the prompt's tokens (chat: every turn), not only on the answer's")
+    g.add_argument("--chat-template", default=None, metavar="FILE",
+                   help="Jinja chat template for {messages} data, replacing the tokenizer's own (saved with the "
+                   "tokenizer in <output-dir>/final)")
+    g.add_argument("--pack", action=argparse.BooleanOptionalAction, default=False,
+                   help="pack short examples into rows of up to --max-len tokens, attention isolated per example "
+                   "(--batch-size then counts rows)")
     g.add_argument("--eval-data", default=None, help="evaluation data, scored every --eval-every steps and at the end")
     g.add_argument("--eval-limit", type=_integer(1, 200), default=200, help="evaluate on the first N records")
     g = p.add_argument_group("adapter")

@@ -87,17 +87,20 @@ MAX_DATA_BYTES = 4 * 2**30
 one is refused; save bigger data with datasets' save_to_disk, which is read without loading it whole."""
 
 
-def read_data_text(path: Path, limit: int = MAX_DATA_BYTES) -> str:
+def read_data_text(path: Path, limit: int = MAX_DATA_BYTES, what: str = FORMATS) -> str:
     """A data file's text: checked to be a regular file of at most ``limit`` bytes before it is read (a
-    FIFO would block, /dev/zero never end), decoded as UTF-8 with an optional byte-order mark."""
+    FIFO would block, /dev/zero never end), decoded as UTF-8 with an optional byte-order mark. ``what``
+    names the file expected, in the errors (default: a data file)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # non-blocking: opening a FIFO must not wait for a writer
     except OSError as e:
-        raise DataError(f"{path}: cannot open it ({e.strerror}); pass a readable file ({FORMATS}).") from None
+        raise DataError(f"{path}: cannot open it ({e.strerror}); pass a readable file ({what}).") from None
     with os.fdopen(fd, "rb") as f:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
-            raise DataError(f"{path} is not a regular file (a FIFO, device or socket); pass {FORMATS}.")
+            raise DataError(f"{path} is not a regular file (a FIFO, device or socket); pass {what}.")
+        if info.st_size > limit and what != FORMATS:
+            raise DataError(f"{path} is {info.st_size:,d} bytes, more than the {limit:,d} read; pass {what}.")
         if info.st_size > limit:
             raise DataError(f"{path} is {info.st_size:,d} bytes, more than the {limit:,d} read from a .json / .jsonl "
                             "file; split it, or save it with datasets' save_to_disk and pass that directory.")
@@ -224,7 +227,12 @@ def load_records(path: str | Path, split: str = "train", purpose: Purpose = "tra
     ``purpose="train"`` requires ``instruction`` and ``output``; ``purpose="eval"`` requires
     ``instruction`` and ``answer``. Keys other than the four known ones are ignored.
     """
-    return [_validate(where, obj, purpose) for where, obj in read_rows(path, split)]
+    return records_from_rows(read_rows(path, split), purpose)
+
+
+def records_from_rows(rows: Sequence[tuple[str, Any]], purpose: Purpose = "train") -> list[Record]:
+    """Validated instruction records of rows that ``read_rows`` returned."""
+    return [_validate(where, obj, purpose) for where, obj in rows]
 
 
 # --------------------------------------------------------------------------------------------- prompts

@@ -29,8 +29,9 @@ from .data import (
     load_classification,
     load_records,
     pad_token_id,
-    tokenize_records,
 )
+from .chat import causal_examples, read_chat_template
+from .packing import packed_batches
 from .distributed import (
     STRATEGIES,
     Dist,
@@ -133,6 +134,10 @@ class FinetuneArgs:
     epochs: float = 0.0
     max_len: int = 256
     train_on_inputs: bool = False
+    chat_template: str | None = None
+    """A Jinja chat template file for chat records, replacing (or supplying) the tokenizer's own."""
+    pack: bool = False
+    """Pack short examples into rows of up to max_len tokens, attention isolated per example (packing.py)."""
     eval_data: str | None = None
     eval_limit: int = 200
     gradient_checkpointing: bool = False
@@ -169,6 +174,9 @@ class FinetuneArgs:
         if not isinstance(self.train, TrainConfig):
             raise RecipeError(f"train must be a TrainConfig, got {type(self.train).__name__}.")
         check_device(self.device)
+        if self.pack and self.train.cuda_graph:
+            raise RecipeError("--pack with --cuda-graph: packed batches carry a 4D attention mask that the graphed "
+                              "step does not pad; drop one of them.")
         if self.method != "full":  # rank, alpha, targets, dropout, norm_grad: AdapterConfig's own checks
             AdapterConfig(method=self.method, rank=self.rank, alpha=self.alpha, targets=self.targets,
                           magnitude_only=tuple(self.magnitude_only), dropout=self.dropout,
@@ -286,17 +294,25 @@ def _finetune(args: FinetuneArgs, task: str, d: Dist, device: torch.device, run_
     _check_compile(args)
     _check_cuda_graph(args, device)
     torch.manual_seed(args.train.seed)  # a new head's and the adapters' initial values follow --seed too
+    count_tokens = None
+    if task != "causal" and (args.pack or args.chat_template):
+        raise RecipeError(f"--pack and --chat-template are for causal language models; {args.model} is a "
+                          "classification model: drop them.")
     if task == "causal":
-        records = load_records(args.data, purpose="train")
+        template = read_chat_template(args.chat_template) if args.chat_template else None
         model, tokenizer = load_model(args.model, task, load_in_4bit=args.load_in_4bit, device=device)
-        examples = tokenize_records(records, tokenizer, args.max_len, train_on_inputs=args.train_on_inputs,
-                                    source=str(args.data))
+        if template is not None:  # saved with the tokenizer in <output_dir>/final
+            tokenizer.chat_template = template
+        examples = causal_examples(args.data, tokenizer, args.max_len, train_on_inputs=args.train_on_inputs,
+                                   model=str(args.model))
         pad = pad_token_id(tokenizer)
 
         def make_batch(idx: list[int]) -> dict[str, torch.Tensor]:
             return collate_causal([examples[i] for i in idx], pad)
         n_items, labels = len(examples), None
         pad_values = {"input_ids": pad, "attention_mask": 0, "labels": IGNORE_INDEX}
+        if args.pack:  # items are packed rows from here on
+            make_batch, n_items, count_tokens, _ = packed_batches(examples, args.max_len, pad, model)
     else:
         pairs = load_classification(args.data)
         labels = label_vocab(pairs)
@@ -329,7 +345,7 @@ def _finetune(args: FinetuneArgs, task: str, d: Dist, device: torch.device, run_
     identity = {k: v for k, v in asdict(args).items()  # the global batch stands for batch_size (train adds it)
                 if k not in ("train", "device", "eval_limit", "resume", "record_deltas", "output_dir", "batch_size",
                              "strategy", "compile")}
-    for key in ("model", "data", "eval_data"):  # the same files however the path is spelled
+    for key in ("model", "data", "eval_data", "chat_template"):  # the same files however the path is spelled
         if identity[key] is not None:
             identity[key] = os.path.abspath(identity[key])
     batches = Batches(n_items, global_batch, seed=tcfg.seed)
@@ -348,7 +364,8 @@ def _finetune(args: FinetuneArgs, task: str, d: Dist, device: torch.device, run_
         engine.compile()
     result = train(engine, batches, make_batch, tcfg, args.output_dir, identity=identity, evaluate=evaluate,
                    callbacks=callbacks, resume=args.resume, device=device,
-                   items=_causal_items if task == "causal" else None, dist=d, pad_values=pad_values)
+                   items=_causal_items if task == "causal" else None, dist=d, pad_values=pad_values,
+                   tokens=count_tokens)
     final = Path(args.output_dir) / "final"
     if d.main:
         if recorder is not None:

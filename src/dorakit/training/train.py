@@ -45,6 +45,9 @@ from ..formats.io import atomic_write_bytes
 ItemCount = Callable[[Mapping[str, Tensor]], int]
 """How many items a model's loss averages over in a micro-batch (label tokens of a causal LM)."""
 
+TokenCount = Callable[[list[int]], int]
+"""Input tokens of the items with these indices (tokens/s), where a batch's attention_mask cannot say (packing)."""
+
 Callback = Callable[[int, nn.Module], None]
 """Called as ``callback(step, model)`` after every optimizer step (e.g. analysis.DeltaRecorder)."""
 
@@ -179,7 +182,7 @@ def train(model: nn.Module, batches: Batches, make_batch: Callable[[list[int]], 
           evaluate: Callable[[nn.Module], dict[str, float]] | None = None, callbacks: Iterable[Callback] = (),
           resume: bool = False, device: torch.device | str = "cpu", progress: bool = True,
           items: ItemCount | None = None, dist: Dist = ONE_PROCESS,
-          pad_values: Mapping[str, int] | None = None) -> TrainResult:
+          pad_values: Mapping[str, int] | None = None, tokens: TokenCount | None = None) -> TrainResult:
     """Train the parameters of ``model`` that require grad; ``model(**make_batch(indices)).loss`` is the loss.
 
     ``batches`` yields each optimizer step's whole batch (all processes, all micro-batches); it is cut
@@ -191,7 +194,8 @@ def train(model: nn.Module, batches: Batches, make_batch: Callable[[list[int]], 
 
     ``cfg.cuda_graph`` replays each micro-batch's forward and backward from a CUDA graph
     (dorakit.training.graphs); ``pad_values`` then says how to right-pad the batch's sequence tensors
-    (e.g. ``{"input_ids": pad_id, "attention_mask": 0, "labels": -100}``).
+    (e.g. ``{"input_ids": pad_id, "attention_mask": 0, "labels": -100}``). ``tokens`` counts the input
+    tokens of a micro-batch for tokens/s (default: the ones of its 2D attention_mask, else its input_ids).
 
     Rank 0 holds ``<out>``'s lock while it runs (a second process is refused: one run directory has one
     writer) and writes ``<out>/run.json`` (``identity``: what a resume must match), ``<out>/metrics.jsonl``
@@ -214,13 +218,15 @@ def train(model: nn.Module, batches: Batches, make_batch: Callable[[list[int]], 
     with claim_run_dir(out, resume, d):
         _check_identity(out, identity, resume, d)
         return _train(model, batches, make_batch, cfg, out, evaluate=evaluate, callbacks=callbacks, resume=resume,
-                      device=device, progress=progress, items=items, dist=d, pad_values=pad_values, micro=micro)
+                      device=device, progress=progress, items=items, dist=d, pad_values=pad_values, micro=micro,
+                      tokens=tokens)
 
 
 def _train(model: nn.Module, batches: Batches, make_batch: Callable[[list[int]], dict[str, Tensor]],
            cfg: TrainConfig, out: Path, *, evaluate: Callable[[nn.Module], dict[str, float]] | None,
            callbacks: Iterable[Callback], resume: bool, device: torch.device, progress: bool,
-           items: ItemCount | None, dist: Dist, pad_values: Mapping[str, int] | None, micro: int) -> TrainResult:
+           items: ItemCount | None, dist: Dist, pad_values: Mapping[str, int] | None, micro: int,
+           tokens: TokenCount | None = None) -> TrainResult:
     """train() once the run directory is claimed and its identity checked."""
     d, slots = dist, cfg.grad_accum * dist.world_size
     inner = unwrap(model)
@@ -230,7 +236,7 @@ def _train(model: nn.Module, batches: Batches, make_batch: Callable[[list[int]],
     _seed(cfg.seed + d.rank)  # rank r draws its own dropout masks; rank 0 draws those of a 1-process run
     scaler = torch.amp.GradScaler(device.type) if cfg.precision == "fp16" else None
     ckpt = latest_checkpoint(out) if resume else None
-    tokens = 0  # label-bearing tokens seen over the whole run (continued across resumes)
+    count_tokens, tokens = tokens, 0  # tokens: input tokens seen over the whole run (continued across resumes)
     if ckpt is not None:
         state = load_checkpoint(ckpt, inner, optimizer, d)
         step = int(state["step"])
@@ -262,7 +268,7 @@ def _train(model: nn.Module, batches: Batches, make_batch: Callable[[list[int]],
             mine = [parts[i * d.world_size + d.rank] for i in range(cfg.grad_accum)
                     if any(parts[i * d.world_size:(i + 1) * d.world_size])]  # rounds some process has items in
             loss_sum, step_tokens = _accumulate(model, mine, indices[:1], make_batch, items, amp, scaler, d, device,
-                                                graphed)
+                                                graphed, count_tokens)
             _optimizer_step(optimizer, scaler, params, cfg.max_grad_norm, keep_grads=graphed is not None)
             loss_sum, step_tokens = all_sum([loss_sum, step_tokens], d, device)
             step, done = step + 1, done + 1
@@ -310,7 +316,8 @@ def _train(model: nn.Module, batches: Batches, make_batch: Callable[[list[int]],
 def _accumulate(model: nn.Module, mine: list[list[int]], filler: list[int],
                 make_batch: Callable[[list[int]], dict[str, Tensor]], items: ItemCount | None,
                 amp: AbstractContextManager, scaler: torch.amp.GradScaler | None, d: Dist,
-                device: torch.device, graphed: GraphedMicroStep | None = None) -> tuple[float, float]:
+                device: torch.device, graphed: GraphedMicroStep | None = None,
+                count_tokens: TokenCount | None = None) -> tuple[float, float]:
     """Forward and backward of this process's micro-batches of one step; returns (Σ item-weighted
     loss, tokens) of this process. The weights need the step's item count over all processes, so it
     is summed first. A process with no items in a round runs ``filler`` at weight 0 (FSDP and DDP
@@ -319,7 +326,7 @@ def _accumulate(model: nn.Module, mine: list[list[int]], filler: list[int],
     counts = [(items(b) if items is not None else len(part)) if part else 0 for part, b in zip(mine, batches)]
     total = all_sum([sum(counts)], d, device)[0]
     loss_sum, tokens = torch.zeros((), dtype=torch.float64, device=device), 0
-    for j, (batch, count) in enumerate(zip(batches, counts)):
+    for j, (part, batch, count) in enumerate(zip(mine, batches, counts)):
         # DDP and FSDP average gradients over processes: × world_size makes it the mean over all items.
         weight = count * d.world_size / total if count else 0.0
         if graphed is not None and count and graphed.fits(batch):
@@ -335,7 +342,10 @@ def _accumulate(model: nn.Module, mine: list[list[int]], filler: list[int],
         if count:
             loss_sum += loss.double() * count
             mask = batch.get("attention_mask")
-            tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+            if count_tokens is not None:
+                tokens += count_tokens(part)
+            else:
+                tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
     return float(loss_sum) / max(total, 1), tokens
 
 
