@@ -182,6 +182,7 @@ BAD = [  # (a good first record, the bad second one, what the error says)
     (CPC, {"prompt": [{"role": "user", "content": "q"}], "completion": [{"role": "assistant", "content": None}]},
      r"completion\[0\]: missing key 'content'"),
     (TX, {"text": 7}, r"need a string 'text'; this one's is a int"),
+    (TX, {"text": "water is wet", "label": 1}, r"classification data, but this is a causal language model"),
     (CHATS[1], {"question": "q", "answer": "a"}, r"keys \['answer', 'question'\]; expected one of these record"),
     (CHATS[1], [1, 2], r"expected a JSON object, got list"),
     (CHATS[1], {"text": "water is wet"}, r"a text record, but .*record 0 \(line \d\) is messages; one file holds"),

@@ -76,6 +76,10 @@ def record_shape(where: str, obj: Any) -> Shape:
         return "messages"
     if "prompt" in obj or "completion" in obj:
         return "chat_prompt_completion" if isinstance(obj.get("prompt"), list) else "prompt_completion"
+    if "text" in obj and "label" in obj:
+        raise DataError(f"{where}: a {{\"text\", \"label\"}} record is classification data, but this is a causal "
+                        "language model; fine-tune a classification model (--task classify), or drop 'label' to train "
+                        "language modelling on the text.")
     if "text" in obj:
         return "text"
     if "instruction" in obj:
