@@ -274,7 +274,7 @@ def test_metrics_lines_and_progress(make_tiny: Callable, tmp_path: Path, capsys:
     train(_model(make_tiny), Batches(4, 2), _data(4), TrainConfig(max_steps=3, log_every=2), tmp_path)
     lines = _metrics(tmp_path)
     assert [r["step"] for r in lines] == [2, 3]  # every log_every steps, and the last one
-    assert set(lines[0]) == {"step", "loss", "lr", "tokens", "tokens_per_s", "elapsed_s"}
+    assert set(lines[0]) == {"step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "elapsed_s"}
     assert lines[1]["tokens"] == 3 * 2 * SEQ and lines[1]["tokens_per_s"] > 0
     err = capsys.readouterr().err  # loss, tokens/s and ETA on stderr
     assert re.search(rf"train step 3/3 loss {lines[1]['loss']:.4f} [\d,]+ tok/s ETA \d\d:\d\d:\d\d", err), err

@@ -1,4 +1,4 @@
-"""The ``dorakit`` command: finetune, eval, merge, analyze, demo, sweep, params.
+"""The ``dorakit`` command: finetune, eval, merge, analyze, demo, sweep, params, generate.
 
 The flags live in ``dorakit.commands.parser``; this module runs the commands. Nothing heavy is imported
 until a command runs (``dorakit --help`` loads neither torch nor transformers), and third-party load
@@ -48,7 +48,14 @@ def _finetune_args(args: argparse.Namespace):
                       gradient_checkpointing=args.gradient_checkpointing, record_deltas=args.record_deltas,
                       load_in_4bit=args.load_in_4bit,
                       device=args.device, strategy=args.strategy, resume=args.resume, compile=args.compile,
-                      train=_train_config(args))
+                      report_to=_report_to(args.report_to), train=_train_config(args))
+
+
+def _report_to(value: str | tuple[str, ...]) -> tuple[str, ...]:
+    """--report-to as names (its default is the string "jsonl"; given flags are parsed into names)."""
+    from ..training.trackers import check_report_to
+
+    return check_report_to(value)
 
 
 def _run_finetune(args: argparse.Namespace) -> int:
@@ -164,9 +171,15 @@ def _run_demo(args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
 
 
+def _run_generate(args: argparse.Namespace) -> int:
+    from .generate import run_generate
+
+    return run_generate(args)
+
+
 RUNS: dict[str, Callable[[argparse.Namespace], int]] = {
     "finetune": _run_finetune, "eval": _run_eval, "merge": _run_merge, "analyze": _run_analyze,
-    "demo": _run_demo, "sweep": _run_sweep, "params": _run_params}
+    "demo": _run_demo, "sweep": _run_sweep, "params": _run_params, "generate": _run_generate}
 
 
 @contextmanager

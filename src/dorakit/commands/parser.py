@@ -31,6 +31,7 @@ SUMMARIES = {
     "demo": "full FT vs LoRA vs DoRA on a real model and real data, offline on a CPU, in minutes",
     "sweep": "accuracy vs rank: finetune once per (method, rank) and tabulate",
     "params": "trainable parameters of a config, counted on the meta device (no weights loaded)",
+    "generate": "talk to a local causal LM, optionally with an adapter: one --prompt or a --chat",
 }
 
 
@@ -74,6 +75,20 @@ def _device(text: str) -> str:
         return check_device(text)
     except DistributedError as e:
         raise argparse.ArgumentTypeError(str(e).removeprefix("--device ")) from None
+
+
+class _ReportTo(argparse.Action):
+    """--report-to: comma- or space-separated tracker names, each checked (known, library installed)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        from ..training.trackers import TrackerError, check_report_to
+
+        names = [n for v in ([values] if isinstance(values, str) else values) for n in v.split(",") if n]
+        try:
+            setattr(namespace, self.dest, check_report_to(names))
+        except TrackerError as e:
+            raise argparse.ArgumentError(self, str(e).removeprefix(f"{self.option_strings[0]} ")) from None
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -206,6 +221,9 @@ def _run_dir_flags(p: argparse.ArgumentParser) -> None:
                    help="keep the newest N checkpoints, delete older ones (the one `latest` names is always kept)")
     g.add_argument("--record-deltas", type=_integer(0, 10), default=0,
                    help="record the paper's ΔM / ΔD every N steps into <output-dir>/deltas.json (0: off)")
+    g.add_argument("--report-to", nargs="+", action=_ReportTo, default="jsonl", metavar="TRACKER",
+                   help="where metrics go, comma-separated: jsonl (<output-dir>/metrics.jsonl, always written), "
+                   "tensorboard (<output-dir>/tensorboard), wandb (<output-dir>/wandb; WANDB_MODE etc. apply)")
 
 
 def _finetune_parser(sub: argparse._SubParsersAction) -> None:
@@ -292,12 +310,69 @@ def _analyze_parser(sub: argparse._SubParsersAction) -> None:
                    "paper plots the query projection)")
 
 
+def _unit_interval(text: str) -> float:
+    """An argparse type: a number in (0, 1] (--top-p)."""
+    value = _number(0, "0.9", above=True)(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be a number > 0 and <= 1, got {text!r}; e.g. 0.9")
+    return value
+
+
+def _existing_file(text: str) -> str:
+    """An argparse type: a file that exists."""
+    if not Path(text).is_file():
+        raise argparse.ArgumentTypeError(f"no such file: {text!r}; pass a Jinja chat template file")
+    return text
+
+
+def _generate_parser(sub: argparse._SubParsersAction) -> None:
+    p = _add(sub, "generate", "Generate text with a local causal LM, optionally with an adapter (unmerged, or folded "
+             "in with --merge), streaming tokens to the terminal. --prompt TEXT answers once; --chat reads one "
+             "message per line from stdin until end of input or /exit, keeping the conversation. Chat messages, "
+             "and --prompt when the tokenizer has a chat template, are rendered with the tokenizer's chat template "
+             "(or --chat-template FILE); otherwise --prompt is fed as plain text.")
+    p.add_argument("--model", required=True, help="local transformers causal LM directory")
+    p.add_argument("--adapter", default=None, help="adapter directory (PEFT format), e.g. <finetune output>/final")
+    p.add_argument("--merge", action="store_true", help="fold the adapter into the base weights before generating")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--prompt", default=None, help="the text to continue (or the one user message, with a template)")
+    g.add_argument("--chat", action="store_true", help="interactive: one message per stdin line; /exit or end of "
+                   "input stops")
+    p.add_argument("--chat-template", type=_existing_file, default=None,
+                   help="a Jinja chat template file to use instead of the tokenizer's")
+    p.add_argument("--plain", action="store_true", help="feed --prompt as plain text even if there is a chat template")
+    s = p.add_argument_group("sampling")
+    s.add_argument("--max-new-tokens", type=_integer(1, 128), default=128, help="tokens to generate per answer")
+    s.add_argument("--temperature", type=_number(0, "0.7"), default=0.0,
+                   help="sampling temperature; 0: greedy decoding (deterministic)")
+    s.add_argument("--top-p", type=_unit_interval, default=None,
+                   help="nucleus sampling: the smallest set of tokens whose probability reaches P (needs "
+                   "--temperature > 0; default: off)")
+    s.add_argument("--top-k", type=_integer(1, 50), default=None,
+                   help="sample among the K most likely tokens (needs --temperature > 0; default: off)")
+    s.add_argument("--seed", type=_integer(0, 0), default=0, help="seeds the sampling")
+    p.add_argument("--device", type=_device, default="auto", help="auto, cpu, cuda, cuda:N or mps")
+
+
+def _check_generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """generate's flags that only work together: checked at parse time, exit 2 with one line."""
+    sub = parser._subparsers._group_actions[0].choices["generate"]  # type: ignore[union-attr]
+    if args.merge and not args.adapter:
+        sub.error("--merge needs --adapter (the adapter to fold in)")
+    if args.temperature == 0:
+        given = [flag for flag, value in (("--top-p", args.top_p), ("--top-k", args.top_k)) if value is not None]
+        if given:
+            sub.error(f"{' and '.join(given)} apply to sampling; set --temperature > 0 (0 is greedy decoding)")
+    if args.plain and (args.chat or args.chat_template):
+        sub.error("--plain applies to --prompt without --chat-template (it skips the chat template)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The whole command line; ``args.command`` names the subcommand."""
     parser = _Parser(prog="dorakit", description=DESCRIPTION, formatter_class=_Formatter)
     sub = parser.add_subparsers(dest="command", required=True, title="commands", metavar="COMMAND")
     for add in (_finetune_parser, _eval_parser, _merge_parser, _analyze_parser, _demo_parser, _sweep_parser,
-                _params_parser):
+                _params_parser, _generate_parser):
         add(sub)
     for p in sub.choices.values():
         g = p.add_argument_group("every command")
@@ -376,4 +451,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         path = pre.parse_known_args(argv[1:])[0].config
         if path:
             argv = [argv[0], *config_argv(subs[argv[0]], read_config_file(path), path), *argv[1:]]
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.command == "generate":
+        _check_generate(parser, args)
+    return args

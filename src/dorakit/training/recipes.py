@@ -48,6 +48,7 @@ from ..formats.dispatch import load_adapter, save_adapter
 from ..formats.io import atomic_write_bytes
 from ..adapters.params import count_parameters
 from .train import TrainConfig, TrainResult, train
+from .trackers import check_report_to, delta_summary
 
 METHODS = ("lora", "dora", "vera", "dvora", "full")
 TASKS = ("auto", "causal", "classify")
@@ -151,6 +152,8 @@ class FinetuneArgs:
     resume: bool = False
     compile: bool = False
     """torch.compile the model (in place: parameter names, checkpoints and saved adapters are unchanged)."""
+    report_to: Sequence[str] = ("jsonl",)
+    """Where metrics go: "jsonl" (<output_dir>/metrics.jsonl, always written), "tensorboard", "wandb"."""
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def __post_init__(self) -> None:
@@ -177,6 +180,7 @@ class FinetuneArgs:
         if self.pack and self.train.cuda_graph:
             raise RecipeError("--pack with --cuda-graph: packed batches carry a 4D attention mask that the graphed "
                               "step does not pad; drop one of them.")
+        check_report_to(self.report_to)
         if self.method != "full":  # rank, alpha, targets, dropout, norm_grad: AdapterConfig's own checks
             AdapterConfig(method=self.method, rank=self.rank, alpha=self.alpha, targets=self.targets,
                           magnitude_only=tuple(self.magnitude_only), dropout=self.dropout,
@@ -344,7 +348,7 @@ def _finetune(args: FinetuneArgs, task: str, d: Dist, device: torch.device, run_
         evaluate = _eager(evaluate)
     identity = {k: v for k, v in asdict(args).items()  # the global batch stands for batch_size (train adds it)
                 if k not in ("train", "device", "eval_limit", "resume", "record_deltas", "output_dir", "batch_size",
-                             "strategy", "compile")}
+                             "strategy", "compile", "report_to")}
     for key in ("model", "data", "eval_data", "chat_template"):  # the same files however the path is spelled
         if identity[key] is not None:
             identity[key] = os.path.abspath(identity[key])
@@ -355,17 +359,22 @@ def _finetune(args: FinetuneArgs, task: str, d: Dist, device: torch.device, run_
     start = _resume_step(Path(args.output_dir)) if args.resume else 0
     callbacks = []
     if recorder is not None:
+        def record(step: int, model: nn.Module) -> dict[str, float]:  # this step's ΔM / ΔD summary, logged
+            before = len(recorder.records)
+            recorder(step, model)
+            return delta_summary(recorder.records[before:])
+
         def save_with_checkpoint(step: int, _: nn.Module) -> None:  # a killed run keeps its records up to here
             if d.main and tcfg.save_every and step % tcfg.save_every == 0:
                 _save_deltas(recorder, deltas_path, first_new_step=start)
-        callbacks = [recorder, save_with_checkpoint]
+        callbacks = [record, save_with_checkpoint]
     engine = wrap(model, d, device, tcfg.precision)
     if args.compile:  # in place (nn.Module.compile): the state dict keeps the model's own names
         engine.compile()
     result = train(engine, batches, make_batch, tcfg, args.output_dir, identity=identity, evaluate=evaluate,
                    callbacks=callbacks, resume=args.resume, device=device,
                    items=_causal_items if task == "causal" else None, dist=d, pad_values=pad_values,
-                   tokens=count_tokens)
+                   tokens=count_tokens, trackers=[name for name in args.report_to if name != "jsonl"])
     final = Path(args.output_dir) / "final"
     if d.main:
         if recorder is not None:

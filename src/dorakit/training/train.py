@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,6 +40,7 @@ from .checkpoint import (
 from .data import Batches
 from .distributed import ONE_PROCESS, Dist, all_sum, autocast_needed, barrier, gradient_sync, unwrap
 from .graphs import GraphedMicroStep
+from .trackers import Trackers
 from ..formats.io import atomic_write_bytes
 
 ItemCount = Callable[[Mapping[str, Tensor]], int]
@@ -48,8 +49,9 @@ ItemCount = Callable[[Mapping[str, Tensor]], int]
 TokenCount = Callable[[list[int]], int]
 """Input tokens of the items with these indices (tokens/s), where a batch's attention_mask cannot say (packing)."""
 
-Callback = Callable[[int, nn.Module], None]
-"""Called as ``callback(step, model)`` after every optimizer step (e.g. analysis.DeltaRecorder)."""
+Callback = Callable[[int, nn.Module], Mapping[str, float] | None]
+"""Called as ``callback(step, model)`` after every optimizer step (e.g. analysis.DeltaRecorder); numbers it
+returns are logged as a metrics record of that step (metrics.jsonl and the trackers, rank 0)."""
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -182,7 +184,8 @@ def train(model: nn.Module, batches: Batches, make_batch: Callable[[list[int]], 
           evaluate: Callable[[nn.Module], dict[str, float]] | None = None, callbacks: Iterable[Callback] = (),
           resume: bool = False, device: torch.device | str = "cpu", progress: bool = True,
           items: ItemCount | None = None, dist: Dist = ONE_PROCESS,
-          pad_values: Mapping[str, int] | None = None, tokens: TokenCount | None = None) -> TrainResult:
+          pad_values: Mapping[str, int] | None = None, tokens: TokenCount | None = None,
+          trackers: Sequence[str] = ()) -> TrainResult:
     """Train the parameters of ``model`` that require grad; ``model(**make_batch(indices)).loss`` is the loss.
 
     ``batches`` yields each optimizer step's whole batch (all processes, all micro-batches); it is cut
@@ -200,7 +203,8 @@ def train(model: nn.Module, batches: Batches, make_batch: Callable[[list[int]], 
     Rank 0 holds ``<out>``'s lock while it runs (a second process is refused: one run directory has one
     writer) and writes ``<out>/run.json`` (``identity``: what a resume must match), ``<out>/metrics.jsonl``
     and ``<out>/checkpoints/step-*``. Ctrl-C or SIGTERM writes a checkpoint at the last finished
-    step and returns with ``interrupted=True``.
+    step and returns with ``interrupted=True``. ``trackers`` (dorakit.training.trackers.REPORT_TO:
+    "tensorboard", "wandb") get every metrics record too, on rank 0.
     """
     out, d, device = Path(out_dir), dist, torch.device(device)
     slots = cfg.grad_accum * d.world_size
@@ -215,18 +219,19 @@ def train(model: nn.Module, batches: Batches, make_batch: Callable[[list[int]], 
     identity = {**(identity or {}), "global_batch": batches.batch_size,
                 "train": asdict(cfg) | {"log_every": None, "eval_every": None, "save_every": None,
                                         "grad_accum": None, "cuda_graph": None, "keep_checkpoints": None}}
-    with claim_run_dir(out, resume, d):
+    sinks = Trackers(trackers, d.main, identity)  # checked before anything is written
+    with claim_run_dir(out, resume, d), sinks:
         _check_identity(out, identity, resume, d)
         return _train(model, batches, make_batch, cfg, out, evaluate=evaluate, callbacks=callbacks, resume=resume,
                       device=device, progress=progress, items=items, dist=d, pad_values=pad_values, micro=micro,
-                      tokens=tokens)
+                      tokens=tokens, sinks=sinks)
 
 
 def _train(model: nn.Module, batches: Batches, make_batch: Callable[[list[int]], dict[str, Tensor]],
            cfg: TrainConfig, out: Path, *, evaluate: Callable[[nn.Module], dict[str, float]] | None,
            callbacks: Iterable[Callback], resume: bool, device: torch.device, progress: bool,
            items: ItemCount | None, dist: Dist, pad_values: Mapping[str, int] | None, micro: int,
-           tokens: TokenCount | None = None) -> TrainResult:
+           sinks: Trackers, tokens: TokenCount | None = None) -> TrainResult:
     """train() once the run directory is claimed and its identity checked."""
     d, slots = dist, cfg.grad_accum * dist.world_size
     inner = unwrap(model)
@@ -247,6 +252,7 @@ def _train(model: nn.Module, batches: Batches, make_batch: Callable[[list[int]],
             scaler.load_state_dict(state["scaler"])
     if resume and d.main:  # lines logged after the checkpoint (all of them if there is none yet): those steps run again
         _truncate_metrics(out / "metrics.jsonl", step)
+    sinks.start(out, step if resume else None)
     saved_step = step if ckpt is not None else -1
     amp = _amp(model, cfg, device, cache=True)
     graphed = (GraphedMicroStep(model, params, micro, pad_values, lambda: _amp(model, cfg, device, cache=False),
@@ -269,23 +275,28 @@ def _train(model: nn.Module, batches: Batches, make_batch: Callable[[list[int]],
                     if any(parts[i * d.world_size:(i + 1) * d.world_size])]  # rounds some process has items in
             loss_sum, step_tokens = _accumulate(model, mine, indices[:1], make_batch, items, amp, scaler, d, device,
                                                 graphed, count_tokens)
-            _optimizer_step(optimizer, scaler, params, cfg.max_grad_norm, keep_grads=graphed is not None)
+            logging = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps
+            grad_norm = _optimizer_step(optimizer, scaler, params, cfg.max_grad_norm, keep_grads=graphed is not None,
+                                        norm=logging)
             loss_sum, step_tokens = all_sum([loss_sum, step_tokens], d, device)
             step, done = step + 1, done + 1
             tokens, run_tokens = tokens + int(step_tokens), run_tokens + int(step_tokens)
             boundary = (batches.state_dict(), rng_state())
             result.losses.append(loss_sum)
-            for callback in callbacks:
-                callback(step, inner)
+            reported = [callback(step, inner) for callback in callbacks]
             elapsed = time.perf_counter() - start
             bar.update(step, loss_sum, run_tokens / elapsed, done)
-            if d.main and (step % cfg.log_every == 0 or step == cfg.max_steps):
-                _log(out, {"step": step, "loss": loss_sum, "lr": optimizer.param_groups[0]["lr"], "tokens": tokens,
-                           "tokens_per_s": run_tokens / elapsed, "elapsed_s": elapsed})
+            if d.main and logging:
+                _emit(out, sinks, {"step": step, "loss": loss_sum, "lr": optimizer.param_groups[0]["lr"],
+                                   "grad_norm": grad_norm, "tokens": tokens, "tokens_per_s": run_tokens / elapsed,
+                                   "elapsed_s": elapsed})
+            for extra in reported:
+                if d.main and extra:
+                    _emit(out, sinks, {"step": step, **extra})
             if evaluate is not None and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
                 record = _run_eval(inner, evaluate)  # every process evaluates (FSDP needs all of them)
                 if d.main:
-                    _log(out, {"step": step, **record})
+                    _emit(out, sinks, {"step": step, **record})
             if cfg.save_every and step % cfg.save_every == 0:
                 _save(out, step, inner, optimizer, boundary, _extra(scaler, tokens), cfg, d)
                 saved_step = step
@@ -308,7 +319,7 @@ def _train(model: nn.Module, batches: Batches, make_batch: Callable[[list[int]],
         else:
             result.eval = _run_eval(inner, evaluate)
             if d.main:
-                _log(out, {"step": step, **result.eval})
+                _emit(out, sinks, {"step": step, **result.eval})
     barrier(d)
     return result
 
@@ -445,19 +456,27 @@ def _scaler_state(scaler: torch.amp.GradScaler | None) -> dict[str, object]:
 
 
 def _optimizer_step(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None, params: list[Tensor],
-                    max_grad_norm: float, keep_grads: bool = False) -> None:
+                    max_grad_norm: float, keep_grads: bool = False, norm: bool = False) -> float | None:
     """Unscale (fp16), clip, step, zero the gradients: ``keep_grads`` zeroes them in place (a CUDA graph
-    adds into them) instead of freeing them."""
+    adds into them) instead of freeing them. With ``norm``, returns the gradients' total 2-norm before
+    clipping (after unscaling), else None; every process must ask alike (FSDP reduces it over processes)."""
     if scaler is not None:
         scaler.unscale_(optimizer)
+    total: Tensor | None = None
     if max_grad_norm > 0:
-        torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+        total = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+    elif norm:
+        total = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    grad_norm = None
+    if total is not None and norm:
+        grad_norm = float(total.full_tensor() if hasattr(total, "full_tensor") else total)  # FSDP: a DTensor
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
     else:
         optimizer.step()
     optimizer.zero_grad(set_to_none=not keep_grads)
+    return grad_norm
 
 
 def _run_eval(model: nn.Module, evaluate: Callable[[nn.Module], dict[str, float]]) -> dict[str, float]:
@@ -468,6 +487,12 @@ def _run_eval(model: nn.Module, evaluate: Callable[[nn.Module], dict[str, float]
             return {f"eval_{k}": float(v) for k, v in evaluate(model).items()}
     finally:
         model.train(was_training)
+
+
+def _emit(out: Path, sinks: Trackers, record: Mapping[str, object]) -> None:
+    """A metrics record to metrics.jsonl, then to the trackers (rank 0 only)."""
+    _log(out, record)
+    sinks.log(record)
 
 
 def _log(out: Path, record: Mapping[str, object]) -> None:
