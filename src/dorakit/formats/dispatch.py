@@ -38,7 +38,14 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, *, base_model_n
     if name is not None or list_adapters(model) not in ([], [DEFAULT]):
         kw = {"base_model_name_or_path": base_model_name_or_path, "task_type": task_type,
               "save_embedding_layers": save_embedding_layers}
-        return save_named(model, directory, name, lambda m, d: save_adapter(m, d, **kw))
+        return save_named(model, directory, name, lambda m, d: _save_one(m, d, **kw))
+    return _save_one(model, directory, base_model_name_or_path=base_model_name_or_path, task_type=task_type,
+                     save_embedding_layers=save_embedding_layers)
+
+
+def _save_one(model: nn.Module, directory: str | os.PathLike, *, base_model_name_or_path: str | None,
+              task_type: str | None, save_embedding_layers: bool | Literal["auto"]) -> Path:
+    """The files of the model's one adapter (or the one only_adapter shows)."""
     if adapter_config(model).method in ("vera", "dvora"):
         if save_embedding_layers is True:
             raise ValueError("save_embedding_layers=True is not supported for VeRA / DVoRA adapters; "
