@@ -26,6 +26,10 @@ _SOURCES: dict[str, tuple[str, ...]] = {
                          "merge_adapters", "merge_and_unload", "plan_adapters", "remove_adapters",
                          "unmerge_adapters"),
     ".formats.dispatch": ("load_adapter", "save_adapter"),
+    ".formats.multi_io": ("hot_swap_adapter",),
+    ".adapters.multi": ("active_adapter", "adapter_routing", "add_adapter", "delete_adapter", "list_adapters",
+                        "set_adapter"),
+    ".adapters.slots": ("RoutingError",),
     ".formats.io": ("AdapterFiles", "convert_bin_adapter", "peft_state_dict", "read_adapter"),
     ".adapters.layers": ("AdapterLayer", "AdapterStateError", "Conv1DAdapter", "ConvAdapter", "EmbeddingAdapter",
                          "LinearAdapter", "cached_norms"),
@@ -48,6 +52,14 @@ __all__ = [
     "AdapterLayer",
     "AdapterPlan",
     "AdapterStateError",
+    "RoutingError",
+    "active_adapter",
+    "adapter_routing",
+    "add_adapter",
+    "delete_adapter",
+    "hot_swap_adapter",
+    "list_adapters",
+    "set_adapter",
     "ConfigError",
     "Conv1DAdapter",
     "ConvAdapter",
@@ -114,7 +126,11 @@ if TYPE_CHECKING:  # type checkers and IDEs see the names eagerly
                                   trainable_summary)
     from .adapters.quant import Linear4bitAdapter, quantize_linear, quantize_model
     from .adapters.vera import VeraAdapter
+    from .adapters.multi import (active_adapter, adapter_routing, add_adapter, delete_adapter, list_adapters,
+                                 set_adapter)
+    from .adapters.slots import RoutingError
     from .formats.dispatch import load_adapter, save_adapter
+    from .formats.multi_io import hot_swap_adapter
     from .formats.io import AdapterFiles, convert_bin_adapter, peft_state_dict, read_adapter
     from .formats.peft_format import AdapterFileError
     from .training.hf_trainer import AdapterSFTTrainer, AdapterTrainer, AdapterTrainerMixin, TrainerSetupError

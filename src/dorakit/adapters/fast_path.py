@@ -195,10 +195,11 @@ def cached_norms(model: nn.Module) -> Iterator[None]:
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
     layers = [m for m in model.modules() if isinstance(m, FastPath)]
+    holders = layers + [m for m in model.modules() if getattr(m, "holds_norm_cache", False)]  # + named adapters'
 
     def drop(*_: object) -> None:
-        for layer in layers:
-            layer._norm_cache = None
+        for holder in holders:
+            holder._norm_cache = None
 
     handle = register_optimizer_step_post_hook(drop)
     for layer in layers:

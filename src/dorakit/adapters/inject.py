@@ -119,6 +119,8 @@ def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
 
 CONFIG_ATTR = "dorakit_config"
 """The model attribute holding the AdapterConfig of its adapters (set by apply_adapters)."""
+NAMES_ATTR = "dorakit_adapters"
+"""The model attribute holding {name: AdapterConfig} once named adapters are used (adapters/multi.py)."""
 
 HEAD_NAMES = ("lm_head", "classifier", "score")
 """Leaf names of output / classification heads that "all-linear" leaves out (as PEFT does)."""
@@ -353,28 +355,47 @@ def _adapters_in_state(model: nn.Module, *, merged: bool, fix: str) -> list[tupl
     return layers
 
 
-def merge_adapters(model: nn.Module) -> None:
-    """Fold every adapter into its base weight (zero inference overhead). Raises if any is merged."""
+def merge_adapters(model: nn.Module, name: str | None = None) -> None:
+    """Fold an adapter into its base weights (zero inference overhead): each module's active adapter
+    (a single adapter: it), or the adapter ``name`` where the model holds several. Raises if any is merged."""
     layers = _adapters_in_state(model, merged=False, fix="merging twice would apply the update twice. "
                                 "Call dk.unmerge_adapters(model) first.")
+    active = {layer.active_adapter for _, layer in layers}
+    if name is not None and active != {name}:
+        raise RuntimeError(f"adapter {name!r} is not the active one ({sorted(map(str, active))}); call "
+                           f"dk.set_adapter(model, {name!r}) first, so the merged model computes what it computed.")
+    chosen = [(layer, layer.active_adapter) for _, layer in layers if layer.active_adapter in layer.hosted_names()]
     quantized = [n for n, layer in layers if isinstance(layer, Linear4bitAdapter)]
     if quantized:  # checked first, so a failure never leaves the model half merged
         raise AdapterStateError(f"{len(quantized)} adapters have a 4-bit base (e.g. {quantized[0]!r}), which cannot "
                                 "hold the merged weight; dk.merge_and_unload(model) exports a dense model instead. "
                                 "Nothing was merged.")
-    for _, layer in layers:
-        layer.merge()
+    for layer, adapter in chosen:
+        layer.merge(adapter)
 
 
 def unmerge_adapters(model: nn.Module) -> None:
-    """Restore every base weight to W0 (to float rounding). Raises if any adapter is not merged."""
-    layers = _adapters_in_state(model, merged=True, fix="there is nothing to unmerge.")
-    stuck = [n for n, layer in layers if layer.variant != "lora" and bool((layer.magnitude == 0).any())]
+    """Restore every base weight to W0 (to float rounding), whichever adapter was merged into it.
+    Raises if no adapter is merged."""
+    layers = _require_adapters(model)
+    if len(model.__dict__.get(NAMES_ATTR) or ()) <= 1:  # one adapter: all or nothing
+        layers = _adapters_in_state(model, merged=True, fix="there is nothing to unmerge.")
+    else:  # named adapters: the modules that hold the merged one
+        layers = [(n, layer) for n, layer in layers if layer.merged]
+        if not layers:
+            raise RuntimeError("no adapter is merged; there is nothing to unmerge.")
+    stuck = [n for n, layer in layers if _zero_magnitude(layer)]
     if stuck:  # checked for every layer first, so a failure never leaves the model half unmerged
         raise RuntimeError(f"{stuck[:3]} have zero magnitude entries, so W0 cannot be recovered from the merged "
                            "weights; reload the base model instead. Nothing was changed.")
     for _, layer in layers:
         layer.unmerge()
+
+
+def _zero_magnitude(layer: AdapterLayer) -> bool:
+    """Whether the merged adapter of ``layer`` has a zero magnitude entry (W0 is then unrecoverable)."""
+    with layer.bound(layer.merged_adapter or layer.adapter_name):
+        return layer.variant != "lora" and bool((layer.magnitude == 0).any())
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
@@ -384,7 +405,12 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     becomes a new dense nn.Linear (dequantized, with the adapter folded in). Parameters keep the
     requires_grad they had under the adapters (the base stays frozen).
     """
-    for name, layer in _require_adapters(model):
+    layers = _require_adapters(model)
+    several = [n for n, layer in layers if layer.slots() or layer.active_adapter != layer.adapter_name]
+    if several:
+        raise RuntimeError(f"{several[0]!r} holds several adapters or another one is active; keep one "
+                           "(dk.delete_adapter) or merge one in place with dk.merge_adapters(model, name).")
+    for name, layer in layers:
         if isinstance(layer, Linear4bitAdapter):
             _set_child(model, name, layer.dequantize_and_merge())
             continue
@@ -392,6 +418,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
             layer.merge()
         _set_child(model, name, layer.base_layer)
     model.__dict__.pop(CONFIG_ATTR, None)
+    model.__dict__.pop(NAMES_ATTR, None)
     return model
 
 
@@ -404,6 +431,7 @@ def remove_adapters(model: nn.Module) -> nn.Module:
                                           "dk.merge_and_unload(model) to keep the adaptation."):
         _set_child(model, name, layer.base_layer)
     model.__dict__.pop(CONFIG_ATTR, None)
+    model.__dict__.pop(NAMES_ATTR, None)
     return model
 
 

@@ -37,6 +37,7 @@ from .functional import (
 )
 from .fast_path import TRITON_MAX_RANK, FastPath, cached_norms  # noqa: F401  (re-exported)
 from .kernels import BACKENDS
+from .slots import MultiAdapter
 
 Variant = Literal["lora", "dora", "magnitude"]
 VARIANTS: tuple[Variant, ...] = ("lora", "dora", "magnitude")
@@ -54,10 +55,11 @@ def adapter_dtype(weight: Tensor) -> torch.dtype:
     return torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
 
 
-class AdapterLayer(FastPath, nn.Module):
+class AdapterLayer(MultiAdapter, FastPath, nn.Module):
     """Base of all wrappers: parameters, the eager forward (the reference), merge / unmerge.
 
-    Subclasses define the layout hooks below; the fast paths and the norm cache are FastPath's."""
+    Subclasses define the layout hooks below; the fast paths and the norm cache are FastPath's, named
+    adapters besides the own one and mixed-batch routing MultiAdapter's (slots.py)."""
 
     channel_dim: int = -1
     """Dimension of the output that holds the out-features (the channel dimension for convolutions)."""
@@ -192,6 +194,12 @@ class AdapterLayer(FastPath, nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self.merged or self.disabled:
             return self.base_layer(x)
+        if self.multi:  # several adapters here, another one active, or a routed batch (slots.py)
+            return self._multi_forward(x)
+        return self._single_forward(x)
+
+    def _single_forward(self, x: Tensor) -> Tensor:
+        """The forward of the wrapper's own adapter (or the one bound in its place)."""
         impl = self._fast_impl(x)
         if impl is not None:  # LoRA / DoRA through dorakit.adapters.kernels: one autograd Function, the norm a constant
             return self._fast_forward(x, impl)
@@ -224,9 +232,22 @@ class AdapterLayer(FastPath, nn.Module):
         """The dense adapted weight W' as (out, in), in W0's dtype, without touching the model."""
         return self.weight_2d().detach().clone() if self.merged else self._adapted()[0]
 
+    def merge(self, name: str | None = None) -> None:
+        """Fold adapter ``name`` (default: the own one) into W0 in place: W0 <- W' (bias untouched).
+        Raises if already merged."""
+        name = self.adapter_name if name is None else name
+        with self.bound(name):
+            self._merge()
+        self.merged_adapter = name
+
+    def unmerge(self) -> None:
+        """Restore W0 from the merged weight (to float rounding). Raises if not merged."""
+        with self.bound(self.merged_adapter or self.adapter_name):
+            self._unmerge()
+        self.merged_adapter = None
+
     @torch.no_grad()
-    def merge(self) -> None:
-        """Fold the adapter into W0 in place: W0 <- W' (bias untouched). Raises if already merged."""
+    def _merge(self) -> None:
         if self.merged:
             raise AdapterStateError("this adapter is already merged; call unmerge() first (merging twice would "
                                     "apply the update twice).")
@@ -235,8 +256,7 @@ class AdapterLayer(FastPath, nn.Module):
         self.merged = True
 
     @torch.no_grad()
-    def unmerge(self) -> None:
-        """Restore W0 from the merged weight (to float rounding). Raises if not merged."""
+    def _unmerge(self) -> None:
         if not self.merged:
             raise AdapterStateError("this adapter is not merged; there is nothing to unmerge.")
         w2d = self.weight_2d()
