@@ -32,7 +32,7 @@ _SOURCES: dict[str, tuple[str, ...]] = {
     ".adapters.params": ("adapter_parameters", "adapter_state_dict", "count_parameters", "trainable_parameters",
                          "trainable_summary"),
     ".formats.peft_format": ("AdapterFileError",),
-    ".adapters.quant": ("Linear4bitAdapter", "quantize_linear", "quantize_model"),
+    ".adapters.quant": ("Linear4bitAdapter", "Linear8bitAdapter", "quantize_linear", "quantize_model"),
     ".adapters.vera": ("VeraAdapter",),
     ".training.hf_trainer": ("AdapterTrainerMixin", "TrainerSetupError", "AdapterTrainer", "AdapterSFTTrainer"),
 }
@@ -54,6 +54,7 @@ __all__ = [
     "EmbeddingAdapter",
     "InjectionReport",
     "Linear4bitAdapter",
+    "Linear8bitAdapter",
     "LinearAdapter",
     "TargetError",
     "TrainerSetupError",
@@ -112,7 +113,7 @@ if TYPE_CHECKING:  # type checkers and IDEs see the names eagerly
                                   LinearAdapter, cached_norms)
     from .adapters.params import (adapter_parameters, adapter_state_dict, count_parameters, trainable_parameters,
                                   trainable_summary)
-    from .adapters.quant import Linear4bitAdapter, quantize_linear, quantize_model
+    from .adapters.quant import Linear4bitAdapter, Linear8bitAdapter, quantize_linear, quantize_model
     from .adapters.vera import VeraAdapter
     from .formats.dispatch import load_adapter, save_adapter
     from .formats.io import AdapterFiles, convert_bin_adapter, peft_state_dict, read_adapter
