@@ -8,6 +8,11 @@ N times the tokens per step.
 
     python benchmarks/bench_distributed.py --preset llama-1b --nprocs 1 2 --strategies none ddp fsdp
     python benchmarks/bench_distributed.py --preset tiny --device cpu --nprocs 1 2 --strategies ddp fsdp
+    python benchmarks/bench_distributed.py --load-in-4bit --nprocs 1 2 --strategies none fsdp   # QDoRA
+
+``--load-in-4bit`` runs each command with ``dorakit finetune --load-in-4bit`` (NF4 base, QLoRA /
+QDoRA). Several processes with a 4-bit base are refused by ``dorakit finetune`` until it can shard
+one (issue 23); those rows print its one-line error.
 """
 
 from __future__ import annotations
@@ -67,9 +72,13 @@ def run(model: Path, data: Path, out: Path, nproc: int, strategy: str, args: arg
            "--method", args.method, "--rank", str(args.rank), "--alpha", str(2 * args.rank), "--max-steps",
            str(args.steps), "--batch-size", str(batch), "--max-len", str(length), "--precision", args.precision,
            "--device", args.device, "--strategy", strategy, "--train-on-inputs"]
+    if args.load_in_4bit:
+        cmd.append("--load-in-4bit")
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env={**os.environ, "OMP_NUM_THREADS": "4"})
-    if proc.returncode != 0:
-        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
+    if proc.returncode != 0:  # dorakit's own one-line error if there is one (torchrun prints a banner after it)
+        lines = proc.stderr.strip().splitlines()
+        ours = [ln for ln in lines if ln.startswith("dorakit: error:")]
+        return {"error": (ours or lines or [f"exit {proc.returncode}"])[-1]}
     lines = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in ln]
     times = [b["elapsed_s"] - a["elapsed_s"] for a, b in itertools.pairwise(lines)][args.warmup:]
     summary = json.loads((out / "summary.json").read_text())
@@ -91,11 +100,13 @@ def main() -> None:
     p.add_argument("--precision", default="bf16")
     p.add_argument("--device", default="auto")
     p.add_argument("--workdir", default=None)
+    p.add_argument("--load-in-4bit", action="store_true", help="NF4 base (QLoRA / QDoRA), as finetune's flag")
     args = p.parse_args()
     root = Path(args.workdir or tempfile.mkdtemp(prefix="dorakit-bench-"))
     model, data = build(args.preset, root)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else "CPU"
-    print(f"{args.preset}, {args.method} r{args.rank}, {args.precision}, per-process batch "
+    base = "NF4 base (--load-in-4bit)" if args.load_in_4bit else "dense base"
+    print(f"{args.preset}, {args.method} r{args.rank}, {base}, {args.precision}, per-process batch "
           f"{PRESETS[args.preset][5]} × {PRESETS[args.preset][6]} tokens, {device}, torch {torch.__version__}")
     print("| processes | strategy | step ms | tokens/s | peak GiB per process | final loss |")
     print("|---|---|---|---|---|---|")

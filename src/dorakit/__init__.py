@@ -36,7 +36,7 @@ _SOURCES: dict[str, tuple[str, ...]] = {
     ".adapters.params": ("adapter_parameters", "adapter_state_dict", "count_parameters", "trainable_parameters",
                          "trainable_summary"),
     ".formats.peft_format": ("AdapterFileError",),
-    ".adapters.quant": ("Linear4bitAdapter", "quantize_linear", "quantize_model"),
+    ".adapters.quant": ("Linear4bitAdapter", "Linear8bitAdapter", "quantize_linear", "quantize_model"),
     ".adapters.vera": ("VeraAdapter",),
     ".training.hf_trainer": ("AdapterTrainerMixin", "TrainerSetupError", "AdapterTrainer", "AdapterSFTTrainer"),
 }
@@ -66,6 +66,7 @@ __all__ = [
     "EmbeddingAdapter",
     "InjectionReport",
     "Linear4bitAdapter",
+    "Linear8bitAdapter",
     "LinearAdapter",
     "TargetError",
     "TrainerSetupError",
@@ -124,7 +125,7 @@ if TYPE_CHECKING:  # type checkers and IDEs see the names eagerly
                                   LinearAdapter, cached_norms)
     from .adapters.params import (adapter_parameters, adapter_state_dict, count_parameters, trainable_parameters,
                                   trainable_summary)
-    from .adapters.quant import Linear4bitAdapter, quantize_linear, quantize_model
+    from .adapters.quant import Linear4bitAdapter, Linear8bitAdapter, quantize_linear, quantize_model
     from .adapters.vera import VeraAdapter
     from .adapters.multi import (active_adapter, adapter_routing, add_adapter, delete_adapter, list_adapters,
                                  set_adapter)

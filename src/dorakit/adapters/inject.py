@@ -27,7 +27,13 @@ from .layers import (
     LinearAdapter,
     Variant,
 )
-from .quant import Linear4bitAdapter, is_linear4bit
+from .quant import (
+    Linear4bitAdapter,
+    Linear8bitAdapter,
+    QuantizedLinearAdapter,
+    is_linear4bit,
+    is_linear8bit,
+)
 from .vera import VERA_METHODS, build_vera_adapters
 
 
@@ -50,12 +56,14 @@ def _plain(module: nn.Module, base: type[nn.Module]) -> bool:
 # First match wins (PEFT's dispatch list, not an if-chain).
 DISPATCH: list[tuple[Callable[[nn.Module], bool], type[AdapterLayer]]] = [
     (is_linear4bit, Linear4bitAdapter),  # before nn.Linear: Linear4bit subclasses it (_plain rejects it anyway)
+    (is_linear8bit, Linear8bitAdapter),  # likewise Linear8bitLt
     (lambda m: _plain(m, nn.Linear), LinearAdapter),
     (_is_hf_conv1d, Conv1DAdapter),
     (lambda m: any(_plain(m, c) for c in (nn.Conv1d, nn.Conv2d, nn.Conv3d)), ConvAdapter),
     (lambda m: _plain(m, nn.Embedding), EmbeddingAdapter),
 ]
-SUPPORTED = "nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding, transformers Conv1D, bitsandbytes Linear4bit"
+SUPPORTED = ("nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding, transformers Conv1D, bitsandbytes Linear4bit "
+             "and Linear8bitLt")
 
 
 def adapter_class(module: nn.Module) -> type[AdapterLayer] | None:
@@ -138,7 +146,7 @@ def _all_linear(model: nn.Module, cfg: AdapterConfig) -> list[str]:
                 or any(pattern_matches(name, p, "modules_to_save") for p in cfg.modules_to_save)
                 or isinstance(parent, nn.MultiheadAttention)):
             continue
-        if _plain(module, nn.Linear) or _is_hf_conv1d(module) or is_linear4bit(module):
+        if _plain(module, nn.Linear) or _is_hf_conv1d(module) or is_linear4bit(module) or is_linear8bit(module):
             chosen.append(name)
     return chosen
 
@@ -365,9 +373,11 @@ def merge_adapters(model: nn.Module, name: str | None = None) -> None:
         raise RuntimeError(f"adapter {name!r} is not the active one ({sorted(map(str, active))}); call "
                            f"dk.set_adapter(model, {name!r}) first, so the merged model computes what it computed.")
     chosen = [(layer, layer.active_adapter) for _, layer in layers if layer.active_adapter in layer.hosted_names()]
-    quantized = [n for n, layer in layers if isinstance(layer, Linear4bitAdapter)]
+    quantized = [n for n, layer in layers if isinstance(layer, QuantizedLinearAdapter)]
     if quantized:  # checked first, so a failure never leaves the model half merged
-        raise AdapterStateError(f"{len(quantized)} adapters have a 4-bit base (e.g. {quantized[0]!r}), which cannot "
+        bits = "/".join(sorted({f"{layer.bits}-bit" for _, layer in layers
+                                if isinstance(layer, QuantizedLinearAdapter)}))
+        raise AdapterStateError(f"{len(quantized)} adapters have a {bits} base (e.g. {quantized[0]!r}), which cannot "
                                 "hold the merged weight; dk.merge_and_unload(model) exports a dense model instead. "
                                 "Nothing was merged.")
     for layer, adapter in chosen:
@@ -403,16 +413,22 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 
     The result has no dorakit modules: plain nn.Linear etc. whose weights are W'. A 4-bit base
     becomes a new dense nn.Linear (dequantized, with the adapter folded in). Parameters keep the
-    requires_grad they had under the adapters (the base stays frozen).
+    requires_grad they had under the adapters (the base stays frozen). An 8-bit base, which does not
+    record the dtype it was quantized from, is exported in the input embeddings' dtype (float32 if the
+    model has none).
     """
     layers = _require_adapters(model)
     several = [n for n, layer in layers if layer.slots() or layer.active_adapter != layer.adapter_name]
     if several:
         raise RuntimeError(f"{several[0]!r} holds several adapters or another one is active; keep one "
                            "(dk.delete_adapter) or merge one in place with dk.merge_adapters(model, name).")
+    get = getattr(model, "get_input_embeddings", None)
+    embeddings = get() if callable(get) else None
+    dtype8 = getattr(getattr(embeddings, "weight", None), "dtype", None)
     for name, layer in layers:
-        if isinstance(layer, Linear4bitAdapter):
-            _set_child(model, name, layer.dequantize_and_merge())
+        if isinstance(layer, QuantizedLinearAdapter):
+            dtype = dtype8 if isinstance(layer, Linear8bitAdapter) else None
+            _set_child(model, name, layer.dequantize_and_merge(dtype))
             continue
         if not layer.merged:
             layer.merge()

@@ -1,4 +1,4 @@
-"""QLoRA / QDoRA: LoRA, DoRA and magnitude-only adapters over a 4-bit bitsandbytes base.
+"""QLoRA / QDoRA: LoRA, DoRA and magnitude-only adapters over a 4-bit or 8-bit bitsandbytes base.
 
 The base is a ``bitsandbytes.nn.Linear4bit`` (Dettmers et al. 2023, QLoRA): W0 stored as 4-bit NF4
 (or FP4) codes in blocks of 64 with one absmax scale per block, the scales themselves optionally
@@ -21,11 +21,21 @@ is exactly DoRA / LoRA on a dense nn.Linear holding dequant(Q) (Liu et al. 2024,
 * Merging in place is refused (W' cannot be stored in 4 bits without a second rounding);
   ``dequantize_and_merge`` / ``dk.merge_and_unload`` export a dense nn.Linear holding W'.
 
-bitsandbytes is imported only when a 4-bit layer is built or found (importing it takes seconds).
+8-bit bases are bitsandbytes' ``Linear8bitLt`` (Dettmers et al. 2022, LLM.int8()) with
+``has_fp16_weights=False``: int8 codes C (out, in) and one absmax per output row, W0 = C · absmax / 127
+(what ``BitsAndBytesConfig(load_in_8bit=True)`` builds). Everything above holds with that W0. The base
+product x W0ᵀ is bitsandbytes' own, as in PEFT: in training mode on the CPU it is exactly
+x dequant(C)ᵀ; in eval mode (and on CUDA) LLM.int8() also rounds each row of x to int8, so the output
+is DoRA / LoRA over *that* product (PEFT's 8-bit model computes the same), while the DoRA norm and
+the input gradient always use the exact W0. Merging in place is refused as for 4 bits (PEFT
+re-quantizes the merged weight, a second rounding).
+
+bitsandbytes is imported only when a quantized layer is built or found (importing it takes seconds).
 """
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Sequence
 from types import ModuleType
@@ -52,20 +62,33 @@ def require_bitsandbytes() -> ModuleType:
     return bitsandbytes
 
 
-def is_linear4bit(module: nn.Module) -> bool:
-    """Whether ``module`` is a bitsandbytes Linear4bit (or LinearNF4 / LinearFP4).
+def _is_bnb(module: nn.Module, class_name: str) -> bool:
+    """Whether ``module`` is an instance of ``bitsandbytes.nn.<class_name>``.
 
     Never imports bitsandbytes: if nothing imported it, no module can be one.
     """
     bnb = sys.modules.get("bitsandbytes")
-    cls = getattr(getattr(bnb, "nn", None), "Linear4bit", None)
+    cls = getattr(getattr(bnb, "nn", None), class_name, None)
     return cls is not None and isinstance(module, cls)
 
 
+def is_linear4bit(module: nn.Module) -> bool:
+    """Whether ``module`` is a bitsandbytes Linear4bit (or LinearNF4 / LinearFP4)."""
+    return _is_bnb(module, "Linear4bit")
+
+
+def is_linear8bit(module: nn.Module) -> bool:
+    """Whether ``module`` is a bitsandbytes Linear8bitLt."""
+    return _is_bnb(module, "Linear8bitLt")
+
+
 def dequantize_weight(linear: nn.Module) -> Tensor:
-    """W0 = dequant(Q) of a Linear4bit as a new dense (out, in) tensor, in the dtype it was quantized
-    from (``quant_state.dtype``). A transient copy: the caller drops it."""
+    """W0 = dequant(Q) of a Linear4bit or Linear8bitLt as a new dense (out, in) tensor: 4-bit in the
+    dtype it was quantized from (``quant_state.dtype``), 8-bit in float32. A transient copy: the
+    caller drops it."""
     bnb = require_bitsandbytes()
+    if is_linear8bit(linear):
+        return _dequantize_8bit(bnb, linear)
     weight = linear.weight
     state = getattr(weight, "quant_state", None)
     if state is None:
@@ -77,6 +100,44 @@ def dequantize_weight(linear: nn.Module) -> Tensor:
                          "rounds its scales to bfloat16 and has no exact inverse. Apply the adapters before running "
                          "the model in eval mode, or reload the 4-bit model.")
     return bnb.functional.dequantize_4bit(weight.data, state)
+
+
+def _dequantize_8bit(bnb: ModuleType, linear: nn.Module) -> Tensor:
+    """C · absmax / 127 (out, in) float32, from the int8 codes and the per-row absmax (``SCB``), which
+    sit on the weight until the layer's first forward and on ``linear.state`` after it."""
+    weight = linear.weight
+    if linear.state.has_fp16_weights:
+        raise ValueError("this Linear8bitLt has has_fp16_weights=True: it keeps a trainable float16 weight and "
+                         "re-quantizes it on every forward, so there is no frozen 8-bit base to adapt. Build it with "
+                         "has_fp16_weights=False (what BitsAndBytesConfig(load_in_8bit=True) and "
+                         "dk.quantize_model(model, bits=8) do).")
+    scb = getattr(weight, "SCB", None)
+    scb = linear.state.SCB if scb is None else scb
+    if weight.dtype != torch.int8 or scb is None:
+        raise ValueError("this Linear8bitLt is not quantized yet (bitsandbytes quantizes on the first move to a "
+                         "device): call .to(device) on it, or build it with dk.quantize_model(model, bits=8).")
+    return bnb.functional.int8_vectorwise_dequant(weight.data, scb.to(weight.device))
+
+
+def matmul_8bit(linear: nn.Module, x: Tensor, bias: Tensor | None) -> Tensor:
+    """x W0ᵀ (+ bias) through bitsandbytes' 8-bit matmul, as Linear8bitLt.forward computes it.
+
+    Linear8bitLt.forward itself is not called: it casts ``bias.data`` to x's dtype in place, which would
+    change a trainable bias under the optimizer. Its one-time move of the codes and scales from the weight
+    to ``linear.state`` is done here too, except that scales already in the state are kept: a ``.to()``
+    after the first forward gives the weight its codes back but not its scales, and bitsandbytes 0.50's
+    own forward then replaces the state's scales by None (its next matmul fails).
+    """
+    bnb = require_bitsandbytes()
+    state, weight = linear.state, linear.weight
+    state.is_training = linear.training  # CPU, training: exact dequantize + matmul; else LLM.int8() on x too
+    if weight.CB is not None:
+        state.CB, weight.CB = weight.CB, None
+        if weight.SCB is not None:
+            state.SCB, weight.SCB = weight.SCB, None
+    if bias is not None:
+        bias = bias.to(x.dtype)
+    return bnb.matmul(x, linear.weight, bias=bias, state=state)
 
 
 def matmul_4bit(linear: nn.Module, x: Tensor, bias: Tensor | None) -> Tensor:
@@ -98,23 +159,29 @@ def matmul_4bit(linear: nn.Module, x: Tensor, bias: Tensor | None) -> Tensor:
     return bnb.matmul_4bit(x, linear.weight.t(), bias=bias, quant_state=linear.weight.quant_state).to(in_dtype)
 
 
-class Linear4bitAdapter(AdapterLayer):
-    """Adapter around a bitsandbytes ``Linear4bit``: W0 = dequant(Q) (out, in), y = x W'ᵀ + b.
+class QuantizedLinearAdapter(AdapterLayer):
+    """Adapter around a bitsandbytes quantized linear layer: W0 = dequant(Q) (out, in), y = x W'ᵀ + b.
 
-    QLoRA (variant="lora"), QDoRA (variant="dora") or magnitude-only over a frozen 4-bit base; the
-    adapter trains in float32 (the dequantized weight's dtype if that is float64). See the module
-    docstring for what is dequantized when.
+    LoRA, DoRA or magnitude-only over the frozen quantized base; the adapter trains in float32 (the
+    dequantized weight's dtype if that is float64). Subclasses say how the base product is run
+    (``_matmul``); see the module docstring for what is dequantized when.
     """
+
+    bits: int = 0
 
     def weight_2d(self) -> Tensor:
         """W0 = dequant(Q) as (out, in): dequantized on every call and never stored."""
         return dequantize_weight(self.base_layer)
 
+    def _matmul(self, x: Tensor, bias: Tensor | None) -> Tensor:
+        """x W0ᵀ (+ bias) through bitsandbytes' kernel for this base."""
+        raise NotImplementedError
+
     def _weight_from_2d(self, w2d: Tensor) -> Tensor:
-        raise AdapterStateError(_NO_IN_PLACE)
+        raise AdapterStateError(_no_in_place(self.bits))
 
     def _base(self, x: Tensor) -> Tensor:
-        return matmul_4bit(self.base_layer, x, None)
+        return self._matmul(x, None)
 
     def _norm(self, grad: bool) -> Tensor:
         """||W0 + sBA||_c (out,) from a transient dequantization; checkpointed when it carries a gradient."""
@@ -128,21 +195,23 @@ class Linear4bitAdapter(AdapterLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.disabled:
-            return matmul_4bit(self.base_layer, x, self.base_layer.bias)
+            return self._matmul(x, self.base_layer.bias)
         if self.variant == "lora":
-            y = matmul_4bit(self.base_layer, x, self.base_layer.bias)
+            y = self._matmul(x, self.base_layer.bias)
             return (y + self.scaling * self._lora(self.lora_dropout(x))).to(y.dtype)
         return super().forward(x)  # DoRA / magnitude: AdapterLayer's eager path through _base and _norm
 
-    def merge(self) -> None:
-        raise AdapterStateError(_NO_IN_PLACE)
+    def merge(self, name: str | None = None) -> None:
+        raise AdapterStateError(_no_in_place(self.bits))
 
     @torch.no_grad()
     def dequantize_and_merge(self, dtype: torch.dtype | None = None) -> nn.Linear:
         """A new dense ``nn.Linear`` holding W' (dequant(Q) with the adapter folded in) and the bias.
 
         W' is formed in float32 (``functional.dora_merged_weight``) and stored in ``dtype`` (default:
-        the dtype the base was quantized from). The 4-bit layer and this adapter are left as they are.
+        the dequantized weight's dtype: for 4 bits the dtype the base was quantized from, for 8 bits
+        float32, as Linear8bitLt does not record it). The quantized layer and this adapter are left as
+        they are.
         """
         w = self._adapted()[0]                                            # (out, in)
         base = self.base_layer
@@ -156,12 +225,31 @@ class Linear4bitAdapter(AdapterLayer):
         return dense.train(self.training)
 
 
-_NO_IN_PLACE = ("a 4-bit base cannot hold the merged weight: storing W' in 4 bits would round it a second time. "
-                "Use dk.merge_and_unload(model) (or layer.dequantize_and_merge()) to export a dense model with W', "
-                "or keep the adapter unmerged.")
+class Linear4bitAdapter(QuantizedLinearAdapter):
+    """QLoRA / QDoRA over a bitsandbytes ``Linear4bit`` (NF4 / FP4)."""
+
+    bits = 4
+
+    def _matmul(self, x: Tensor, bias: Tensor | None) -> Tensor:
+        return matmul_4bit(self.base_layer, x, bias)
 
 
-# ---- building 4-bit layers -----------------------------------------------------------------------
+class Linear8bitAdapter(QuantizedLinearAdapter):
+    """LoRA / DoRA over a bitsandbytes ``Linear8bitLt`` (LLM.int8() weights, has_fp16_weights=False)."""
+
+    bits = 8
+
+    def _matmul(self, x: Tensor, bias: Tensor | None) -> Tensor:
+        return matmul_8bit(self.base_layer, x, bias)
+
+
+def _no_in_place(bits: int) -> str:
+    return (f"a {bits}-bit base cannot hold the merged weight: storing W' in {bits} bits would round it a second "
+            "time. Use dk.merge_and_unload(model) (or layer.dequantize_and_merge()) to export a dense model with W', "
+            "or keep the adapter unmerged.")
+
+
+# ---- building quantized layers -------------------------------------------------------------------
 
 def quantize_linear(linear: nn.Linear, *, quant_type: str = "nf4", double_quant: bool = True,
                     compute_dtype: torch.dtype | None = None, blocksize: int = 64) -> nn.Module:
@@ -188,20 +276,50 @@ def quantize_linear(linear: nn.Linear, *, quant_type: str = "nf4", double_quant:
     return q.to(linear.weight.device).train(linear.training)  # Params4bit quantizes on this move
 
 
-def quantize_model(model: nn.Module, targets: Sequence[str] | None = None, *,
-                   skip: Sequence[str] = ("lm_head", "classifier", "score"), **kwargs: object) -> list[str]:
-    """Replace nn.Linear modules of ``model`` by 4-bit Linear4bit ones, in place; returns their names.
+def quantize_linear_8bit(linear: nn.Linear, *, threshold: float = 0.0) -> nn.Module:
+    """A bitsandbytes Linear8bitLt (has_fp16_weights=False) holding ``linear``'s weight, quantized on
+    ``linear``'s device: int8 codes per output row with their absmax (bitsandbytes casts W to float16
+    first).
 
-    For tests and small models: a transformers model is better loaded 4-bit directly with
+    Args:
+        threshold: LLM.int8()'s outlier threshold on the *activations* (0: every column in int8;
+            transformers' default is 6.0). It changes the base product in eval mode, never W0.
+    """
+    bnb = require_bitsandbytes()
+    if not _plain_linear(linear):
+        raise TypeError(f"quantize_linear_8bit takes a plain nn.Linear, got {type(linear).__name__}.")
+    if not math.isfinite(threshold) or threshold < 0:
+        raise ValueError(f"threshold must be a finite number >= 0, got {threshold!r}.")
+    q = bnb.nn.Linear8bitLt(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                            has_fp16_weights=False, threshold=threshold, device="meta")
+    # Int8Params quantizes only on a move away from the CPU's dense data, so it starts there.
+    q.weight = bnb.nn.Int8Params(linear.weight.detach().to("cpu", copy=True), requires_grad=False,
+                                 has_fp16_weights=False)
+    if linear.bias is not None:
+        q.bias = nn.Parameter(linear.bias.detach().to("cpu", copy=True), requires_grad=linear.bias.requires_grad)
+    return q.to(linear.weight.device).train(linear.training)
+
+
+def quantize_model(model: nn.Module, targets: Sequence[str] | None = None, *, bits: int = 4,
+                   skip: Sequence[str] = ("lm_head", "classifier", "score"), **kwargs: object) -> list[str]:
+    """Replace nn.Linear modules of ``model`` by 4-bit Linear4bit (or 8-bit Linear8bitLt) ones, in
+    place; returns their names.
+
+    For tests and small models: a transformers model is better loaded quantized directly with
     ``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-    bnb_4bit_compute_dtype=torch.bfloat16)``, which never holds the dense weights.
+    bnb_4bit_compute_dtype=torch.bfloat16)`` (or ``load_in_8bit=True``), which never holds the dense weights.
 
     Args:
         targets: module names, each matching a full name or a dotted suffix (None: every nn.Linear).
+        bits: 4 (NF4 / FP4, QLoRA) or 8 (LLM.int8()).
         skip: names (same rule) left dense: output heads by default, as QLoRA does.
-        **kwargs: quantize_linear's options (quant_type, double_quant, compute_dtype, blocksize).
+        **kwargs: quantize_linear's options (quant_type, double_quant, compute_dtype, blocksize) for 4 bits,
+            quantize_linear_8bit's (threshold) for 8.
     """
     require_bitsandbytes()
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits!r}.")
+    build = quantize_linear if bits == 4 else quantize_linear_8bit
 
     def hit(name: str, patterns: Sequence[str]) -> bool:
         return any(name == p or name.endswith("." + p) for p in patterns)
@@ -211,7 +329,7 @@ def quantize_model(model: nn.Module, targets: Sequence[str] | None = None, *,
     for name in names:
         parent, _, child = name.rpartition(".")
         owner = model.get_submodule(parent) if parent else model
-        setattr(owner, child, quantize_linear(getattr(owner, child), **kwargs))
+        setattr(owner, child, build(getattr(owner, child), **kwargs))
     return names
 
 

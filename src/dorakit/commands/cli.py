@@ -156,6 +156,20 @@ def _run_params(args: argparse.Namespace) -> int:
     c = count_for(args.model, args.method, cfg)
     print(f"{args.model} {args.method}: trainable {c['trainable']:,d} of {c['total']:,d} ({c['percent']:.4f}%); "
           f"base model {c['base']:,d}")
+    if args.memory:
+        from ..adapters.memory import MemoryPlan, estimate_memory, format_memory
+        from .sweep import adapted_meta_model
+
+        plan = MemoryPlan(base=args.base, batch_size=args.batch_size, seq_len=args.seq_len,
+                          act_bytes=4 if args.precision == "fp32" else 2,
+                          gradient_checkpointing=args.gradient_checkpointing, gpus=args.gpus)
+        if args.method == "full" and args.base in ("int8", "nf4"):
+            raise ValueError(f"--method full with --base {args.base}: quantized weights cannot be trained; use lora "
+                             "or dora.")
+        print(f"estimated memory per GPU ({args.base} base, batch {args.batch_size} x {args.seq_len} tokens, "
+              f"{args.precision} activations, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, "
+              f"{args.gpus} GPU{'s' if args.gpus > 1 else ''}{' with FSDP' if args.gpus > 1 else ''}):")
+        print(format_memory(estimate_memory(adapted_meta_model(args.model, cfg), plan)))
     return 0
 
 

@@ -248,9 +248,19 @@ def _sweep_parser(sub: argparse._SubParsersAction) -> None:
 
 def _params_parser(sub: argparse._SubParsersAction) -> None:
     p = _add(sub, "params")
-    p.add_argument("--model", required=True, help="a preset (llama-7b, llama2-7b, llama3-8b) or a local model "
-                   "directory (only its config.json is read)")
+    p.add_argument("--model", required=True, help="a preset (llama-7b, llama2-7b, llama3-8b, llama2-70b) or a local "
+                   "model directory (only its config.json is read)")
     _adapter_flags(p)
+    g = p.add_argument_group("memory (with --memory)")
+    g.add_argument("--memory", action="store_true", help="also estimate the per-GPU memory of a training run")
+    g.add_argument("--base", default="bf16", choices=("fp32", "bf16", "int8", "nf4"),
+                   help="precision of the frozen base (int8: LLM.int8(), nf4: QLoRA with double quantization)")
+    g.add_argument("--batch-size", type=_integer(1, 1), default=1, help="sequences per micro-batch on one GPU")
+    g.add_argument("--seq-len", type=_integer(1, 512), default=512, help="tokens per sequence")
+    g.add_argument("--precision", default="bf16", choices=("fp32", "bf16"), help="activation dtype")
+    g.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False,
+                   help="keep only each decoder layer's input for backward")
+    g.add_argument("--gpus", type=_integer(1, 1), default=1, help="GPUs FSDP shards the base and optimizer over")
 
 
 def _eval_parser(sub: argparse._SubParsersAction) -> None:

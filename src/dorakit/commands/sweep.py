@@ -29,6 +29,8 @@ PRESETS: dict[str, dict[str, int]] = {
                   "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000},
     "llama3-8b": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
                   "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256},
+    "llama2-70b": {"hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
+                   "num_attention_heads": 64, "num_key_value_heads": 8, "vocab_size": 32000},
 }
 
 
@@ -45,6 +47,14 @@ def meta_model(model: str) -> torch.nn.Module:
                          "with config.json.")
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config)
+
+
+def adapted_meta_model(model: str, cfg: AdapterConfig | None) -> torch.nn.Module:
+    """meta_model with ``cfg``'s adapters applied (None: full fine-tuning, every parameter trains)."""
+    net = meta_model(model)
+    if cfg is not None:
+        apply_adapters(net, cfg)
+    return net
 
 
 def count_for(model: str, method: str, cfg: AdapterConfig | None) -> dict[str, float]:
