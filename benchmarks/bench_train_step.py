@@ -34,8 +34,11 @@ PRESETS = {  # hidden, intermediate, layers, heads, kv heads, batch, seq
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # dorakit-dora runs backend="auto" (triton on CUDA, fused on CPU); -fused / -torch force a backend.
 # peft-*-nocast: PEFT with autocast_adapter_dtype=False (adapters in the base's bf16, not fp32).
+# *-qlora / *-qdora: the seven projections quantized to NF4 (double quantization, bf16 compute) by
+# dorakit.adapters.quant.quantize_model first, the same bitsandbytes Linear4bit layers for both tools.
 METHODS = ["frozen", "dorakit-lora", "peft-lora", "dorakit-dora", "peft-dora"]
-ALL_METHODS = METHODS + ["dorakit-dora-fused", "dorakit-dora-torch", "peft-lora-nocast", "peft-dora-nocast"]
+QUANT_METHODS = ["dorakit-qdora", "dorakit-qlora", "peft-qdora", "peft-qlora"]
+ALL_METHODS = METHODS + ["dorakit-dora-fused", "dorakit-dora-torch", "peft-lora-nocast", "peft-dora-nocast"] + QUANT_METHODS
 
 
 def build(preset: str, dtype: torch.dtype, device: str) -> torch.nn.Module:
@@ -60,6 +63,11 @@ def wrap(model: torch.nn.Module, method: str, rank: int) -> torch.nn.Module:
     if method == "frozen":  # the floor: backward through every layer, nothing to update (see inputs())
         return model.requires_grad_(False)
     parts = method.split("-")
+    if parts[1] in ("qlora", "qdora"):
+        from dorakit.adapters.quant import quantize_model
+
+        quantize_model(model, TARGETS, bits=4, quant_type="nf4", double_quant=True, compute_dtype=torch.bfloat16)
+        parts[1] = parts[1][1:]
     if parts[0] == "dorakit":
         backend = parts[2] if len(parts) > 2 else "auto"
         dk.apply_adapters(model, dk.AdapterConfig(method=parts[1], rank=rank, alpha=2 * rank, targets=TARGETS,
@@ -111,8 +119,9 @@ def graphed_step(model: torch.nn.Module, batch: torch.Tensor, optimizer: torch.o
 
 
 def measure(model: torch.nn.Module, batch: torch.Tensor, steps: int, warmup: int, device: str,
-            graph: bool = False) -> tuple[float, float]:
-    """(median step seconds, peak GiB) of ``steps`` steps after ``warmup``; ``graph``: CUDA-graph replays."""
+            graph: bool = False) -> tuple[float, float, float]:
+    """(median step seconds, peak GiB, first step seconds) of ``steps`` steps after ``warmup``; ``graph``:
+    CUDA-graph replays. The first step includes torch.compile's compilation for a compiled model."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-5, capturable=graph) if params else None
     times = []
@@ -133,10 +142,12 @@ def measure(model: torch.nn.Module, batch: torch.Tensor, steps: int, warmup: int
                 optimizer.zero_grad(set_to_none=True)
         if device == "cuda":
             torch.cuda.synchronize()
+        if i == 0:
+            first = time.perf_counter() - start
         if i >= warmup:
             times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
-    return statistics.median(times), peak
+    return statistics.median(times), peak, first
 
 
 def profile_step(model: torch.nn.Module, batch: torch.Tensor, method: str, device: str) -> None:
@@ -188,7 +199,7 @@ def main() -> None:
     print(f"device: {device_name}; torch {torch.__version__}; preset {args.preset}; {args.dtype}; "
           f"r={args.rank}; batch {batch_size} x {seq}; median of {args.steps} steps after {args.warmup} warm-up")
     methods = args.methods.split(",")
-    results: dict[str, list[tuple[float, float]]] = {m: [] for m in methods}
+    results: dict[str, list[tuple[float, float, float]]] = {m: [] for m in methods}
     for r in range(args.rounds):  # alternate the order, so that drift (clocks, allocator) favours no one
         for method in methods if r % 2 == 0 else methods[::-1]:
             model = wrap(build(args.preset, dtype, args.device), method, args.rank)
@@ -199,8 +210,8 @@ def main() -> None:
                 if graph and args.warmup < 1:  # AdamW's state must exist before the capture, or each
                     raise ValueError("+graph needs --warmup 1 or more")  # replay would reset it
                 results[method].append(measure(model, batch, args.steps, args.warmup, args.device, graph))
-                step, peak = results[method][-1]
-                print(f"{method}: {step * 1e3:.1f} ms, {peak:.2f} GiB", flush=True)
+                step, peak, first = results[method][-1]
+                print(f"{method}: {step * 1e3:.1f} ms, {peak:.2f} GiB, first step {first:.1f} s", flush=True)
                 if args.profile and r == 0 and not graph:
                     profile_step(model, batch, method, args.device)
             except Exception as e:  # noqa: BLE001 - one method failing (a compile mode, say) leaves the others
@@ -210,9 +221,9 @@ def main() -> None:
             if args.device == "cuda":
                 torch.cuda.empty_cache()
     if args.rounds > 1:
-        print("per-round step ms: " + "; ".join(f"{m} " + " ".join(f"{s * 1e3:.1f}" for s, _ in results[m])
+        print("per-round step ms: " + "; ".join(f"{m} " + " ".join(f"{s * 1e3:.1f}" for s, _, _ in results[m])
                                                for m in methods))
-    rows = [(m, statistics.median(s for s, _ in results[m]), max(p for _, p in results[m])) for m in methods
+    rows = [(m, statistics.median(s for s, _, _ in results[m]), max(p for _, p, _ in results[m])) for m in methods
             if results[m]]
     step_of = {m: s for m, s, _ in rows}
     nan = float("nan")

@@ -4,11 +4,15 @@
 #     STEP=tests bash benchmarks/gpu_run.sh      # the gpu-marked tests + the kernel / op / compile tests on CUDA
 #     STEP=rank bash benchmarks/gpu_run.sh       # high rank: 8B-layer and 32B-shaped stacks, r = 256 / 384 / 512
 #     STEP=compile bash benchmarks/gpu_run.sh    # compile time and compiled steps, 1B and 8B-layer shapes
-#     STEP=eager bash benchmarks/gpu_run.sh      # the eager 1B step and the README's headline loop table
+#     STEP=eager bash benchmarks/gpu_run.sh      # the eager 1B step
+#     STEP=qdora bash benchmarks/gpu_run.sh      # NF4 base, 8B-layer shape: dorakit QDoRA / DoRA vs PEFT QDoRA / QLoRA
+#     STEP=headline bash benchmarks/gpu_run.sh   # the README's headline table (the training loop, 1B shape)
+# STEP may name several, comma-separated (STEP=tests,eager); each runs in turn, logged to $OUT/<step>.log.
 set -uo pipefail
 LOG=${OUT:-gpu-logs}; mkdir -p "$LOG"
 export PYTHONPATH=$PWD/src:${PYTHONPATH:-} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 run() { echo "+ $*" | tee -a "$LOG/$STEP.log"; "$@" 2>&1 | tee -a "$LOG/$STEP.log"; }
+for STEP in ${STEP//,/ }; do
 python -c "import torch, sys; print(torch.__version__, torch.cuda.get_device_name(), sys.version)" | tee -a "$LOG/$STEP.log"
 git log -1 --format='commit %H %cd' 2>/dev/null | tee -a "$LOG/$STEP.log"
 case "$STEP" in
@@ -30,5 +34,14 @@ compile)
 eager)
     run python benchmarks/bench_train_step.py --device cuda --preset llama-1b --steps 10 --warmup 3 --rounds 2 \
         --methods frozen,dorakit-lora,dorakit-dora,peft-dora ;;
-*) echo "STEP must be tests, rank, compile or eager" >&2; exit 2 ;;
+qdora)
+    run python benchmarks/bench_train_step.py --device cuda --preset llama-8b-4l --steps 10 --warmup 3 \
+        --methods dorakit-qdora,dorakit-dora,peft-qdora,peft-qlora ;;
+compile8b)
+    run python benchmarks/bench_train_step.py --device cuda --preset llama-8b-4l --steps 10 --warmup 3 \
+        --methods frozen+compile,dorakit-lora+compile,dorakit-dora+compile ;;
+headline)
+    run python benchmarks/bench_train_loop.py --preset llama-1b --rounds 3 --steps 15 ;;
+*) echo "STEP must be tests, rank, compile, compile8b, eager, qdora or headline" >&2; exit 2 ;;
 esac
+done
