@@ -276,10 +276,9 @@ def test_layer_backend_matches_torch_backend(backend: str, variant: str) -> None
     """Same layer, same input: output and every gradient (x, A, B, m, bias) as the eager reference path."""
     results = []
     for b in ("torch", backend):
-        layer = _linear_layer(b, variant=variant)
+        layer = _linear_layer(b, variant=variant).to(DEVICE)
         assert layer._fast_impl(torch.randn(1, 24, device=DEVICE)) == (None if b == "torch" else backend)
         layer.base_layer.bias.requires_grad_(True)  # bias="all": the bias trains too
-        layer.to(DEVICE)
         x = torch.randn(2, 5, 24, generator=torch.Generator().manual_seed(1)).to(DEVICE).requires_grad_()
         y = layer(x)
         y.square().sum().backward()
