@@ -160,3 +160,17 @@ def test_a_sound_tree_passes(tmp_path: Path) -> None:
              "formats/__init__.py": "", "formats/b.py": "from ..adapters import a\n",
              "training/__init__.py": "", "training/t.py": "from ..formats.b import x\nfrom ..adapters.a import y\n"}
     assert violations(_tree(tmp_path, files)) == []
+
+
+@pytest.mark.parametrize("names", [["functional"], ["kernels"], None], ids=["functional", "kernels", "all"])
+def test_every_public_name_imports_in_a_fresh_process(names: list[str] | None) -> None:
+    """``from dorakit import X`` works for each name of ``dorakit.__all__`` as the first thing a program
+    does (the lazy ``__getattr__`` must import a submodule it names, not find it already imported)."""
+    import subprocess
+    import sys
+
+    code = ("import dorakit\nnames = {names!r} or dorakit.__all__\n"
+            "missing = [n for n in names if getattr(dorakit, n, None) is None]\nassert not missing, missing\n")
+    done = subprocess.run([sys.executable, "-c", code.format(names=names)], capture_output=True, text=True,
+                          cwd=Path(__file__).parent, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -105,7 +105,10 @@ def __getattr__(name: str) -> object:
     module = _SOURCE_OF.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module, __name__), name)
+    source = importlib.import_module(module, __name__)
+    if not hasattr(source, name):  # a submodule (functional, kernels) is an attribute once imported
+        importlib.import_module(f"{module}.{name}", __name__)
+    value = getattr(source, name)
     globals()[name] = value
     return value
 

@@ -50,8 +50,9 @@ def _chunk_rows(weight: Tensor, acc: torch.dtype) -> int:
 
 
 def _direction_rows(weight: Tensor, A: Tensor, B: Tensor, scaling: float, start: int, stop: int) -> Tensor:
-    """V = W0[rows] + s·B[rows]·A in A's (the accumulation) dtype: (rows, in)."""
-    return torch.addmm(weight[start:stop].to(A.dtype), B[start:stop], A, alpha=scaling)
+    """V = W0[rows] + s·B[rows]·A in A's (the accumulation) dtype: (rows, in), a new tensor (one
+    temporary of the block's size: the upcast copy takes the product in place)."""
+    return weight[start:stop].to(A.dtype, copy=True).addmm_(B[start:stop], A, alpha=scaling)
 
 
 def direct_norm_sq(weight: Tensor, A: Tensor, B: Tensor, scaling: float) -> Tensor:
