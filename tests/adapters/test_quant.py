@@ -148,17 +148,65 @@ def test_magnitude_comes_from_the_dequantized_weight(bnb) -> None:
 
 
 def test_each_forward_dequantizes_at_most_once(bnb, monkeypatch: pytest.MonkeyPatch) -> None:
-    """DoRA's and magnitude-only's per-step norms dequantize once (nothing of W0 is cached: issue 16);
-    LoRA never does."""
+    """DoRA's and magnitude-only's per-step norms dequantize once (nothing of W0 is cached: issue 16):
+    DoRA in one pass of row blocks, magnitude-only whole; LoRA never does."""
     calls = []
-    real = quant.dequantize_weight
-    monkeypatch.setattr(quant, "dequantize_weight", lambda linear: calls.append(1) or real(linear))
-    for variant, per_step in (("dora", 1), ("lora", 0), ("magnitude", 1)):
+    whole, blocks = quant.dequantize_weight, quant.dequantized_row_blocks
+    monkeypatch.setattr(quant, "dequantize_weight", lambda linear: calls.append("whole") or whole(linear))
+    monkeypatch.setattr(quant, "dequantized_row_blocks", lambda linear: calls.append("blocks") or blocks(linear))
+    # DoRA on the CPU: one pass whose one block is the whole weight (quant.STREAMED_BLOCKSIZE)
+    for variant, per_step in (("dora", ["blocks", "whole"]), ("lora", []), ("magnitude", ["whole"])):
         layer, _, x = make_pair(variant)
         calls.clear()
         for _ in range(3):
             layer(x).sum().backward()
-        assert len(calls) == 3 * per_step, variant
+        assert calls == 3 * per_step, variant
+
+
+@pytest.mark.parametrize("shape", [(OUT, IN), (130, 64), (9, 200)])
+@pytest.mark.parametrize("quant_kw", QUANTS + [{"quant_type": "nf4", "double_quant": True, "blocksize": 128}])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_row_blocks_are_the_rows_of_the_whole_dequantization(bnb, monkeypatch: pytest.MonkeyPatch,
+                                                             shape: tuple[int, int], quant_kw: dict,
+                                                             dtype: torch.dtype, device: str) -> None:
+    """Bitwise: each block of dequantized_row_blocks is those rows of dequantize_weight, whatever the
+    block size (forced small here, so rows that do not end on a quantization block are crossed)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    out_f, in_f = shape
+    dense = nn.Linear(in_f, out_f).to(dtype).to(device)
+    q = quantize_linear(dense, compute_dtype=dtype, **quant_kw)
+    whole = dequantize_weight(q)
+    unit = 64 // math.gcd(in_f, 64)  # rows per quantization-block boundary
+    for budget in (1, 3 * in_f * 4, 2**30):
+        monkeypatch.setattr(quant, "NORM_BLOCK_BYTES_4BIT", budget)
+        spans = [(start, stop) for start, stop, block in quant.dequantized_row_blocks(q)
+                 if torch.equal(block, whole[start:stop])]
+        assert [s for s, _ in spans] == sorted(s for s, _ in spans) and spans[0][0] == 0 and spans[-1][1] == out_f
+        assert all(a[1] == b[0] for a, b in zip(spans, spans[1:])), "the equal blocks tile every row"
+        if device == "cuda" and budget == 1 and unit < out_f and quant_kw.get("blocksize", 64) == 64:
+            assert len(spans) > 1
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_streamed_norm_is_the_dense_norm_without_a_dense_copy(bnb, device: str) -> None:
+    """||dequant(Q) + sBA||_c against float64; on CUDA no tensor as large as the dense W0 in float32
+    is made (on the CPU the weight is dequantized whole: STREAMED_BLOCKSIZE)."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    dense = nn.Linear(IN + 19, OUT, device=device)  # in = 64: blocks of whole rows
+    layer = Linear4bitAdapter(quantize_linear(dense, compute_dtype=torch.float32), "dora", RANK, ALPHA)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    q = layer.base_layer
+    ref = (dequantize_weight(q).double() + layer.scaling * layer.lora_B.double() @ layer.lora_A.double()).norm(dim=1)
+    with Allocations(OUT) as probe:
+        norm = quant.streamed_dora_norm(q, layer.lora_A, layer.lora_B, layer.scaling)
+    assert norm.dtype == torch.float32
+    torch.testing.assert_close(norm.double(), ref, rtol=1e-6, atol=0)
+    if device == "cuda":  # half the rows (W0 is float32 here), rounded up by a row
+        assert probe.largest <= OUT * 64 * 4 // 2 + 4 * 64
 
 
 # ---- memory: no dense copy of W0 outlives a step -------------------------------------------------

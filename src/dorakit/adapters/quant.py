@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from types import ModuleType
 
 import torch
@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.utils.checkpoint import checkpoint
 
-from .functional import dora_norm
+from .functional import dora_norm, safe_sqrt
 from .layers import AdapterLayer, AdapterStateError
 
 INSTALL_HINT = "pip install bitsandbytes  (or: pip install 'dorakit[quant]')"
@@ -89,8 +89,12 @@ def dequantize_weight(linear: nn.Module) -> Tensor:
     bnb = require_bitsandbytes()
     if is_linear8bit(linear):
         return _dequantize_8bit(bnb, linear)
-    weight = linear.weight
-    state = getattr(weight, "quant_state", None)
+    return bnb.functional.dequantize_4bit(linear.weight.data, _quant_state_4bit(linear))
+
+
+def _quant_state_4bit(linear: nn.Module) -> object:
+    """The QuantState of a Linear4bit whose codes can be dequantized exactly (errors name the fix)."""
+    state = getattr(linear.weight, "quant_state", None)
     if state is None:
         raise ValueError(f"this {type(linear).__name__} is not quantized yet (bitsandbytes quantizes on the first "
                          "move to a device): call .to(device) on it, or build it with dk.quantize_model.")
@@ -99,7 +103,67 @@ def dequantize_weight(linear: nn.Module) -> Tensor:
                          "inference path (Linear4bit.forward does it when called in eval mode without grad); that "
                          "rounds its scales to bfloat16 and has no exact inverse. Apply the adapters before running "
                          "the model in eval mode, or reload the 4-bit model.")
-    return bnb.functional.dequantize_4bit(weight.data, state)
+    return state
+
+
+STREAMED_BLOCKSIZE = 64
+"""The quantization block size whose codes dequantized_row_blocks slices on CUDA (QLoRA's and
+transformers' default), where bitsandbytes' kernel dequantizes each element from its code and its
+block's scale alone. Its CPU kernel does not: rows 16-31 of a (32, 32) weight dequantized alone
+differ from the same rows of the whole by up to 8e-4 (bitsandbytes 0.50.2), so on the CPU, and for
+other block sizes, the weight is dequantized whole, as one block."""
+
+NORM_BLOCK_BYTES_4BIT = 64 * 2**20
+"""Largest float32 block of rows that dequantized_row_blocks hands out (also at most half of W0's
+own size in its dtype, so a block never costs more than a dense dequantized copy would)."""
+
+
+def dequantized_row_blocks(linear: nn.Module) -> Iterator[tuple[int, int, Tensor]]:
+    """(start, stop, W0[start:stop]) of a Linear4bit, dequantized block of rows by block of rows.
+
+    Each block is bitsandbytes' own dequantization of the codes and scales of those rows (the
+    scales of double quantization dequantized once, as ``dequantize_4bit`` does), so the blocks are
+    bitwise the rows of ``dequantize_weight(linear)``, without ever holding the whole dense W0.
+    Blocks start on rows whose first element begins a quantization block. A weight on the CPU, or
+    quantized in blocks of other than STREAMED_BLOCKSIZE elements, comes as one block
+    (dequantize_weight; see STREAMED_BLOCKSIZE).
+    """
+    bnb = require_bitsandbytes()
+    state = _quant_state_4bit(linear)
+    out_f, in_f = state.shape
+    if state.blocksize != STREAMED_BLOCKSIZE or not linear.weight.is_cuda:
+        yield 0, out_f, dequantize_weight(linear)
+        return
+    absmax = state.absmax
+    if state.nested:
+        absmax = bnb.functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    absmax = absmax.float()
+    packed = linear.weight.data.view(torch.uint8).reshape(-1)  # two codes per byte, row-major
+    size = torch.finfo(state.dtype).bits // 8
+    budget = min(NORM_BLOCK_BYTES_4BIT, max(1, out_f * in_f * size // 2))
+    unit = state.blocksize // math.gcd(in_f, state.blocksize)  # rows that end on a quantization block
+    rows = max(unit, budget // (4 * in_f) // unit * unit)
+    for start in range(0, out_f, rows):
+        stop = min(start + rows, out_f)
+        first, last = start * in_f, stop * in_f                     # element range; first % blocksize == 0
+        codes = packed[first // 2:(last + 1) // 2].reshape(-1, 1)
+        scales = absmax[first // state.blocksize:-(-last // state.blocksize)]
+        block = torch.ops.bitsandbytes.dequantize_4bit.default(codes, scales, state.blocksize, state.quant_type,
+                                                               (stop - start, in_f), state.dtype)
+        yield start, stop, block
+
+
+@torch.no_grad()
+def streamed_dora_norm(linear: nn.Module, lora_A: Tensor, lora_B: Tensor, scaling: float) -> Tensor:
+    """||W0 + s·B·A||_c (out,) float32 of a Linear4bit's W0, no graph: each block of rows of V is
+    formed from its own dequantized rows (dequantized_row_blocks), squared and summed, so the norm
+    never holds the dense W0 (the same sum as functional.direct_norm_sq over dequantize_weight)."""
+    A, B = lora_A.detach().float(), lora_B.detach().float()
+    out = A.new_empty(lora_B.shape[0])
+    for start, stop, block in dequantized_row_blocks(linear):
+        v = block.to(torch.float32, copy=True).addmm_(B[start:stop], A, alpha=scaling)
+        out[start:stop] = v.square_().sum(dim=1)
+    return safe_sqrt(out)
 
 
 def _dequantize_8bit(bnb: ModuleType, linear: nn.Module) -> Tensor:
@@ -185,6 +249,8 @@ class QuantizedLinearAdapter(AdapterLayer):
 
     def _norm(self, grad: bool) -> Tensor:
         """||W0 + sBA||_c (out,) from a transient dequantization; checkpointed when it carries a gradient."""
+        if self.variant == "dora" and self.bits == 4 and not (grad and torch.is_grad_enabled()):
+            return streamed_dora_norm(self.base_layer, self.lora_A_2d(), self.lora_B_2d(), self.scaling)
         if self.variant == "magnitude" or not (grad and torch.is_grad_enabled()):
             return super()._norm(grad)
 
