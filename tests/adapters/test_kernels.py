@@ -321,6 +321,22 @@ def test_gpu_auto_runs_dora_on_triton_and_lora_fused() -> None:
     x = torch.randn(1, 24, device="cuda")
     assert _linear_layer().cuda()._fast_impl(x) == ("triton" if HAS_TRITON else "fused")
     assert _linear_layer(variant="lora").cuda()._fast_impl(x) == "fused"
+    high = LinearAdapter(nn.Linear(24, 18).requires_grad_(False), "dora", 256, 512.0).cuda()
+    assert high._fast_impl(x) == "fused"  # above TRITON_AUTO_MAX_RANK
+
+
+def test_auto_takes_triton_only_for_dora_on_cuda_up_to_its_rank_limit() -> None:
+    """Where "auto" looks first (the choice on CUDA, checked here without one): the Triton path for
+    DoRA at rank <= TRITON_AUTO_MAX_RANK on CUDA, the fused path otherwise (slower Triton steps above)."""
+    from dorakit.adapters.fast_path import TRITON_AUTO_MAX_RANK
+
+    def layer(variant: str, rank: int) -> LinearAdapter:
+        return LinearAdapter(nn.Linear(24, 18).requires_grad_(False), variant, rank, 2.0 * rank)
+
+    assert layer("dora", TRITON_AUTO_MAX_RANK)._auto_order(on_cuda=True) == ("triton", "fused")
+    assert layer("dora", TRITON_AUTO_MAX_RANK + 1)._auto_order(on_cuda=True) == ("fused",)
+    assert layer("dora", 4)._auto_order(on_cuda=False) == ("fused",)
+    assert layer("lora", 4)._auto_order(on_cuda=True) == ("fused",)
 
 
 @pytest.mark.parametrize(("impl", "dtype"), [("fused", torch.bfloat16), ("fused", torch.float16)]

@@ -29,6 +29,13 @@ TRITON_MAX_RANK = 512
 in tiles of at most 128, so their shared memory stays under the 101,376 bytes of an sm_86 / sm_89 GPU
 at any rank (tests/adapters/test_kernels.py compiles them for it); above it "auto" runs the fused path."""
 
+TRITON_AUTO_MAX_RANK = 128
+"""The largest rank at which backend="auto" picks the Triton path for DoRA; above it "auto" runs the fused
+path (cuBLAS products, the direct row-block norm). Measured (H100, torch 2.11, llama-8b-4l, 1 x 4096, bf16,
+all seven projections, commit 7efa872): the Triton step took 883.8 / 1290.0 / 1695.7 ms at r = 256 / 384
+/ 512 against PEFT DoRA's 171.5 / 200.5 / 232.5 ms (docs/speed.md, "High rank"). backend="triton" still
+takes ranks up to TRITON_MAX_RANK."""
+
 
 def _has_hooks(module: nn.Module) -> bool:
     """Whether calling ``module`` would run forward (pre-)hooks of its own or global ones."""
@@ -154,20 +161,25 @@ class FastPath:
                 return f"the kernels need a CUDA device (or TRITON_INTERPRET=1), not {weight.device}"
         return None
 
+    def _auto_order(self, on_cuda: bool) -> tuple[str, ...]:
+        """The paths backend="auto" tries, in order: Triton only for DoRA on CUDA at rank <=
+        TRITON_AUTO_MAX_RANK (LoRA's products are cuBLAS either way)."""
+        if self.variant == "dora" and on_cuda and self.rank <= TRITON_AUTO_MAX_RANK:
+            return ("triton", "fused")
+        return ("fused",)
+
     def _fast_impl(self, x: Tensor) -> str | None:
         """The dorakit.adapters.kernels path for this call ("fused" / "triton"), or None for the eager reference.
 
-        "auto" takes triton for DoRA on CUDA (triton installed), else fused, else the eager path (never
-        the Triton interpreter); LoRA's triton path only makes the adapter copies in one launch, which
+        "auto" takes triton for DoRA on CUDA (triton installed, rank <= TRITON_AUTO_MAX_RANK), else fused,
+        else the eager path (never the Triton interpreter); LoRA's triton path only makes the adapter copies in one launch, which
         costs the host more than the fused path's torch copies (same products), so "auto" runs LoRA fused;
         an explicit "fused" / "triton" that cannot run this call raises instead of falling back.
         """
         if self.backend == "torch" or self.variant == "magnitude":
             return None
         if self.backend == "auto":
-            for impl in ("triton", "fused") if self.variant == "dora" else ("fused",):
-                if impl == "triton" and not x.is_cuda:
-                    continue
+            for impl in self._auto_order(x.is_cuda):
                 if self._static_unsupported(impl) is None and self._runtime_unsupported(impl, x) is None:
                     return impl
             return None
