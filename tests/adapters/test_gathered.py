@@ -184,7 +184,7 @@ def test_triton_kernel_direct_with_split_and_empty_rows() -> None:
     torch.testing.assert_close(want[1], base[1] + bias, rtol=0, atol=0)  # no adapter: exactly base + bias
 
 
-def test_dispatch_is_explicit() -> None:
+def test_dispatch_is_explicit(monkeypatch: pytest.MonkeyPatch) -> None:
     _, model = build()
     x = torch.randn(6, 24, dtype=F64)
     layer = model.up
@@ -198,6 +198,13 @@ def test_dispatch_is_explicit() -> None:
             layer.backend = "auto"
             model.train()
             assert layer._gather_impl(x) is None
+            model.eval()
+            if HAS_TRITON:  # an explicit "triton" that the kernel cannot serve: each group's own Triton path
+                layer.backend = "triton"
+                assert layer._gather_impl(x) is None           # the kernel takes no float64
+                monkeypatch.setattr(gathered, "GATHER_MAX_RANK", 2)
+                layer.backend = "auto"
+                assert layer._gather_impl(x) == "torch"                            # auto: the torch path
 
 
 def test_cached_pack_follows_optimizer_steps_and_writes(monkeypatch: pytest.MonkeyPatch) -> None:

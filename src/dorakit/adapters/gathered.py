@@ -68,18 +68,20 @@ class GatherPath:
         The gathered forward serves inference only: eval mode, no grad, no autocast, x in W0's dtype, no
         hooks on the base layer, not while torch.compile traces. backend "torch" always takes the
         reference routing; "auto" takes the Triton kernel on CUDA (triton installed, rank <= 128), else the
-        torch path; "triton" also runs the kernel under TRITON_INTERPRET=1; "fused" takes the torch path."""
+        torch path; "triton" takes the kernel (also under TRITON_INTERPRET=1), else the reference routing
+        (each group through its adapter's own Triton path); "fused" takes the torch path."""
         if not self.supports_gather or self.backend == "torch" or self.training or torch.is_grad_enabled():
             return None
         weight = self.base_layer.weight
         if (torch.compiler.is_compiling() or _autocast_dtype(x) is not None or x.dtype != weight.dtype
                 or not x.is_floating_point() or x.dim() < 2 or x.numel() == 0 or _has_hooks(self.base_layer)):
             return None
-        if self.backend in ("auto", "triton") and triton_available() and self._max_rank() <= GATHER_MAX_RANK \
-                and x.dtype in (torch.float16, torch.bfloat16, torch.float32) \
-                and (x.is_cuda or (self.backend == "triton" and triton_interpreted())):
-            return "triton"
-        return "torch"
+        kernel = (triton_available() and self._max_rank() <= GATHER_MAX_RANK
+                  and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
+                  and (x.is_cuda or (self.backend == "triton" and triton_interpreted())))
+        if self.backend == "triton":  # asked for: the kernel, or each group through its own Triton path
+            return "triton" if kernel else None
+        return "triton" if kernel and self.backend == "auto" else "torch"
 
     def _max_rank(self) -> int:
         return max([self.rank, *(slot.rank for slot in self.slots().values())])
