@@ -7,6 +7,7 @@
 #     STEP=eager bash benchmarks/gpu_run.sh      # the eager 1B step
 #     STEP=qdora bash benchmarks/gpu_run.sh      # NF4 base, 8B-layer shape: dorakit QDoRA / DoRA vs PEFT QDoRA / QLoRA
 #     STEP=headline bash benchmarks/gpu_run.sh   # the README's headline table (the training loop, 1B shape)
+#     STEP=multi bash benchmarks/gpu_run.sh      # many adapters on one base: generate(), 1B and 8B, DoRA and LoRA
 # STEP may name several, comma-separated (STEP=tests,eager); each runs in turn, logged to $OUT/<step>.log.
 set -uo pipefail
 LOG=${OUT:-gpu-logs}; mkdir -p "$LOG"
@@ -42,6 +43,10 @@ compile8b)
         --methods frozen+compile,dorakit-lora+compile,dorakit-dora+compile ;;
 headline)
     run python benchmarks/bench_train_loop.py --preset llama-1b --rounds 3 --steps 15 ;;
-*) echo "STEP must be tests, rank, compile, compile8b, eager, qdora or headline" >&2; exit 2 ;;
+multi)
+    run python -m pytest -q -p no:cacheprovider tests/adapters/test_gathered.py -x --timeout 240
+    run python benchmarks/bench_multi_adapter.py --device cuda --presets llama-1b,llama-8b --methods dora,lora \
+        --batches 1,32 --new-tokens 64 ;;
+*) echo "STEP must be tests, rank, compile, compile8b, eager, qdora, headline or multi" >&2; exit 2 ;;
 esac
 done

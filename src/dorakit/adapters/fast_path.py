@@ -62,7 +62,7 @@ class FastPath:
     def refresh_weight_cache(self) -> None:
         """Drop the norm kept inside a cached_norms() block: call it there after writing W0, A or B
         through ``.data`` (the one change cached_norms cannot see). Outside such a block nothing is cached."""
-        self._norm_cache = None
+        self._norm_cache = self._gather_cache = None
 
     def _prepare(self, weight: Tensor, impl: str) -> tuple[Tensor | None, ...]:
         """dorakit.adapters.kernels.dora_prepare (DoRA) or lora_prepare (LoRA: no norm) for W0 = ``weight``.
@@ -99,8 +99,8 @@ class FastPath:
         return prepared
 
     def train(self, mode: bool = True) -> Self:
-        """nn.Module.train, dropping the norm kept by cached_norms() (see _prepared)."""
-        self._norm_cache = None
+        """nn.Module.train, dropping the norms kept by cached_norms() (see _prepared, gathered.py)."""
+        self._norm_cache = self._gather_cache = None
         return super().train(mode)
 
     def _fast_forward(self, x: Tensor, impl: str) -> Tensor:
@@ -196,7 +196,8 @@ def cached_norms(model: nn.Module) -> Iterator[None]:
 
     For generation and evaluation with unmerged adapters (the decode loop would otherwise recompute
     every norm for every token). It applies to DoRA on the fused / Triton paths (nn.Linear), in eval
-    mode, without grad; everything else runs as outside the block.
+    mode, without grad, and to every adapter of a mixed-adapter batch at inference (the pack of
+    gathered.py: s·A, B and m / ||W0 + sBA||_c of each adapter); everything else runs as outside the block.
 
     Contract: W0, A and B do not change inside the block. Changes dorakit can see still drop the
     cache: in-place ops (version counters: ``copy_``, ``load_state_dict``, ``add_`` under no_grad),
@@ -212,6 +213,8 @@ def cached_norms(model: nn.Module) -> Iterator[None]:
     def drop(*_: object) -> None:
         for holder in holders:
             holder._norm_cache = None
+        for layer in layers:  # the mixed-batch packs (gathered.py)
+            layer._gather_cache = None
 
     handle = register_optimizer_step_post_hook(drop)
     for layer in layers:

@@ -284,10 +284,13 @@ class LinearAdapter(AdapterLayer):
     """Adapter around ``nn.Linear``: W0 (out, in), y = x W'ᵀ + b."""
 
     supports_fused = True
+    supports_gather = True
 
 
 class Conv1DAdapter(AdapterLayer):
     """Adapter around transformers' ``Conv1D`` (GPT-2): its weight is stored (in, out), y = x W + b."""
+
+    supports_gather = True
 
     def weight_2d(self) -> Tensor:
         return self.base_layer.weight.T

@@ -24,6 +24,8 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
+from .gathered import GatherPath
+
 SLOT_PARAMS = ("lora_A", "lora_B", "magnitude")
 """The parameters an adapter owns (a LoRA adapter has no magnitude; a magnitude-only one has A = B = None)."""
 SLOT_MODULES = ("lora_dropout",)
@@ -88,7 +90,7 @@ class RoutingError(ValueError):
     """A mixed-adapter batch that does not fit the model (wrong row count, unknown name, merged adapter)."""
 
 
-class MultiAdapter:
+class MultiAdapter(GatherPath):
     """Named adapters on one wrapper: binding, per-name lookup and the routed forward (see module doc)."""
 
     adapter_name: str = "default"
@@ -162,6 +164,9 @@ class MultiAdapter:
         if x.shape[0] != self._route_rows:
             raise RoutingError(f"adapter_routing was given {self._route_rows} rows but this batch has {x.shape[0]} "
                                "(beam search and num_return_sequences repeat each row: repeat its name likewise).")
+        impl = self._gather_impl(x)  # inference: one base product, gathered low-rank products (gathered.py)
+        if impl is not None:
+            return self._gathered_forward(x, impl)
         held = set(self.hosted_names())
         groups: dict[str | None, list[Tensor]] = {}
         for name, rows in self._route.items():  # adapters this module does not hold share the base output

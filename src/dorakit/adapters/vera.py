@@ -109,6 +109,8 @@ class VeraAdapter(AdapterLayer):
     kernels are not used (auto picks the eager path; an explicit "fused" / "triton" raises).
     """
 
+    supports_gather = True  # a mixed batch's gathered forward reads lora_A_2d() / lora_B_2d(), derived or not
+
     def __init__(self, base_layer: nn.Module, projections: VeraProjections, method: str = "dvora", *,
                  rank: int | None = None, d_initial: float = 0.1, dropout: float = 0.0,
                  norm_grad: str = "detach", backend: str = "auto") -> None:
