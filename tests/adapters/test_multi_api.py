@@ -218,3 +218,67 @@ def test_equals_peft_add_weighted_adapter(tmp_path, method: str, kind: str) -> N
     # rounding of w_i (and of sqrt|w_i s_i|); "cat" multiplies by the Python floats, so it matches to float64.
     tol = 1e-10 if kind == "cat" else 1e-6
     torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+
+
+@pytest.fixture(scope="module")
+def llama() -> nn.Module:
+    """A tiny float64 Llama with a DoRA adapter ("default") and a LoRA adapter ("lo") on different targets."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   bos_token_id=0, eos_token_id=1, pad_token_id=None)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).to(F64).eval()
+    dk.apply_adapters(model, dk.AdapterConfig(method="dora", rank=4, alpha=8, targets=["q_proj", "v_proj", "up_proj"]))
+    dk.add_adapter(model, dk.AdapterConfig(method="lora", rank=2, alpha=4, targets=["o_proj", "down_proj"]), name="lo")
+    _perturb(model, seed=6)
+    return model
+
+
+def _alone(model: nn.Module, ids: Tensor, name: str | None, **kw: object) -> Tensor:
+    """Greedy tokens of one unpadded prompt (1, T) with adapter ``name`` active (None: the base)."""
+    if name is None:
+        with dk.adapter_routing(model, [None] * ids.shape[0] * kw.get("num_beams", 1)):
+            return model.generate(ids, attention_mask=torch.ones_like(ids), **kw)
+    dk.set_adapter(model, name)
+    try:
+        return model.generate(ids, attention_mask=torch.ones_like(ids), **kw)
+    finally:
+        dk.set_adapter(model, "default")
+
+
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_generate_with_adapter_names_equals_each_row_alone(llama: nn.Module, num_beams: int) -> None:
+    """Left-padded prompts of different lengths, one adapter (or none) each: each row's greedy tokens (and,
+    without beams, each step's scores) are the ones its prompt gets alone with its adapter; PEFT's "__base__"
+    means no adapter."""
+    kw = {"max_new_tokens": 5, "min_new_tokens": 5, "do_sample": False, "num_beams": num_beams, "pad_token_id": 1,
+          "output_scores": True, "return_dict_in_generate": True}
+    gen = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(2, 40, (n,), generator=gen) for n in (5, 3, 4, 5)]
+    names = ["lo", "default", "__base__", None]
+    width = max(len(p) for p in prompts)
+    ids = torch.stack([torch.cat([torch.ones(width - len(p), dtype=torch.long), p]) for p in prompts])
+    mask = torch.stack([torch.arange(width) >= width - len(p) for p in prompts]).long()
+    with torch.no_grad():
+        out = dk.generate(llama, ids, attention_mask=mask, adapter_names=names, **kw)
+        alone = [_alone(llama, p[None], None if n == "__base__" else n, **kw) for p, n in zip(prompts, names)]
+        base = [_alone(llama, p[None], None, **kw) for p in prompts[:2]]
+    assert out.sequences.shape == (4, width + 5)
+    for i, (p, one) in enumerate(zip(prompts, alone)):
+        assert out.sequences[i, width:].tolist() == one.sequences[0, len(p):].tolist()
+        if num_beams == 1:
+            for step, step_alone in zip(out.scores, one.scores):
+                torch.testing.assert_close(step[i], step_alone[0], rtol=1e-9, atol=1e-9)
+    for one, plain in zip(alone, base):  # each adapter changes its prompt's scores, so the rows test the routing
+        assert not torch.allclose(one.scores[0], plain.scores[0], rtol=1e-3, atol=1e-3)
+
+
+def test_generate_rejects_bad_adapter_names(llama: nn.Module) -> None:
+    ids = torch.randint(2, 40, (2, 3))
+    with pytest.raises(dk.RoutingError, match="one name per prompt"):
+        dk.generate(llama, ids, adapter_names="lo", max_new_tokens=2, pad_token_id=1)
+    with pytest.raises(dk.RoutingError, match=r"\['nope'\], which are not adapters"):
+        dk.generate(llama, ids, adapter_names=["lo", "nope"], max_new_tokens=2, pad_token_id=1)
+    with pytest.raises(dk.RoutingError, match="was given 1 rows but this batch has 2"):
+        dk.generate(llama, ids, adapter_names=["lo"], max_new_tokens=2, pad_token_id=1)
