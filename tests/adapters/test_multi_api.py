@@ -139,7 +139,7 @@ def test_linear_mixes_the_factors_as_stated(model: nn.Module) -> None:
         torch.testing.assert_close(got["B"], want_b, rtol=1e-12, atol=1e-12)
 
 
-def test_combined_adapter_saves_loads_and_routes(model: nn.Module, tmp_path) -> None:
+def test_combined_adapter_saves_loads_peft_reads_it_and_it_routes(model: nn.Module, tmp_path) -> None:
     dk.add_weighted_adapter(model, ["default", "b"], [0.5, 0.5], "mix", combination_type="cat")
     x = torch.randn(4, 2, 6, dtype=F64)
     dk.set_adapter(model, "mix")
@@ -149,6 +149,11 @@ def test_combined_adapter_saves_loads_and_routes(model: nn.Module, tmp_path) -> 
     fresh = MLP().eval()  # the fixture's base
     dk.load_adapter(fresh, tmp_path / "mix")
     torch.testing.assert_close(fresh(x), want, rtol=1e-12, atol=1e-12)
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    theirs = peft.PeftModel.from_pretrained(MLP().eval(), tmp_path / "mix")  # per-module ranks via rank_pattern
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(x), want, rtol=1e-12, atol=1e-12)
     dk.set_adapter(model, "default")
     with dk.adapter_routing(model, ["mix", "default", None, "mix"]):
         routed = model(x)
