@@ -144,6 +144,10 @@ def test_combined_adapter_saves_loads_peft_reads_it_and_it_routes(model: nn.Modu
     x = torch.randn(4, 2, 6, dtype=F64)
     dk.set_adapter(model, "mix")
     want = model(x)
+    want.square().sum().backward()  # the combination trains on like any adapter: every one of its tensors gets a grad
+    mix = [p for _, layer in dk.adapter_layers(model) for p in layer.adapters["mix"].parameters()]
+    assert len(mix) == 9 and all(p.grad is not None and p.grad.abs().sum() > 0 for p in mix)
+    want = want.detach()
     dk.save_adapter(model, tmp_path, name="mix")
     torch.manual_seed(0)
     fresh = MLP().eval()  # the fixture's base
