@@ -27,9 +27,10 @@ _SOURCES: dict[str, tuple[str, ...]] = {
                          "unmerge_adapters"),
     ".formats.dispatch": ("load_adapter", "save_adapter"),
     ".formats.multi_io": ("hot_swap_adapter",),
-    ".adapters.multi": ("active_adapter", "adapter_routing", "add_adapter", "delete_adapter", "list_adapters",
-                        "set_adapter"),
+    ".adapters.multi": ("active_adapter", "adapter_routing", "add_adapter", "delete_adapter", "generate",
+                        "list_adapters", "set_adapter"),
     ".adapters.slots": ("RoutingError",),
+    ".adapters.weighted": ("add_weighted_adapter",),
     ".formats.io": ("AdapterFiles", "convert_bin_adapter", "peft_state_dict", "read_adapter"),
     ".adapters.layers": ("AdapterLayer", "AdapterStateError", "Conv1DAdapter", "ConvAdapter", "EmbeddingAdapter",
                          "LinearAdapter", "cached_norms"),
@@ -56,7 +57,9 @@ __all__ = [
     "active_adapter",
     "adapter_routing",
     "add_adapter",
+    "add_weighted_adapter",
     "delete_adapter",
+    "generate",
     "hot_swap_adapter",
     "list_adapters",
     "set_adapter",
@@ -130,9 +133,10 @@ if TYPE_CHECKING:  # type checkers and IDEs see the names eagerly
                                   trainable_summary)
     from .adapters.quant import Linear4bitAdapter, Linear8bitAdapter, quantize_linear, quantize_model
     from .adapters.vera import VeraAdapter
-    from .adapters.multi import (active_adapter, adapter_routing, add_adapter, delete_adapter, list_adapters,
-                                 set_adapter)
+    from .adapters.multi import (active_adapter, adapter_routing, add_adapter, delete_adapter, generate,
+                                 list_adapters, set_adapter)
     from .adapters.slots import RoutingError
+    from .adapters.weighted import add_weighted_adapter
     from .formats.dispatch import load_adapter, save_adapter
     from .formats.multi_io import hot_swap_adapter
     from .formats.io import AdapterFiles, convert_bin_adapter, peft_state_dict, read_adapter

@@ -171,3 +171,108 @@ def test_bad_flags_exit_2_with_one_line(lm: SimpleNamespace, capsys: pytest.Capt
         main(["generate", "--model", str(lm.dir), *extra])
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(err) == 1 and needle in err[0], err
+
+
+# ---- several adapters: --adapter NAME=DIR, --use, --prompt-file ---------------------------------------
+
+@pytest.fixture(scope="module")
+def more(lm: SimpleNamespace, tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    """A second adapter for the same base (LoRA, other targets) and a DoRA adapter for a wider Llama."""
+    import transformers
+
+    root = tmp_path_factory.mktemp("more")
+    model = transformers.AutoModelForCausalLM.from_pretrained(lm.dir, dtype=torch.float32)
+    dk.apply_adapters(model, dk.AdapterConfig(method="lora", rank=2, alpha=4, targets=["o_proj", "up_proj"]))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for _, layer in dk.adapter_layers(model):
+            layer.lora_B.normal_(0, 0.5)
+    dk.save_adapter(model, root / "math", base_model_name_or_path=str(lm.dir), task_type="CAUSAL_LM")
+    cfg = model.config.to_dict() | {"hidden_size": 48, "head_dim": 12}
+    other = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg))
+    dk.apply_adapters(other, dk.AdapterConfig(method="dora", rank=4, alpha=8, targets="all-linear"))
+    dk.save_adapter(other, root / "other", task_type="CAUSAL_LM")
+    return SimpleNamespace(math=root / "math", other=root / "other")
+
+
+def _alone(lm: SimpleNamespace, ids: torch.Tensor, adapter: Path | None) -> list[int]:
+    """transformers' greedy generate with only ``adapter`` loaded (None: the base)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(lm.dir, dtype=torch.float32)
+    if adapter is not None:
+        dk.load_adapter(model, adapter)
+    out = model.eval().generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                max_new_tokens=NEW, pad_token_id=1)
+    return out[0, ids.shape[1]:].tolist()
+
+
+def test_prompt_file_runs_each_record_through_its_adapter(lm: SimpleNamespace, more: SimpleNamespace, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    """A mixed batch (left-padded, two generate() calls of 3): each answer is the one its adapter alone gives."""
+    import json
+
+    records = [{"prompt": "is the sky blue today", "adapter": "math"}, {"prompt": "is it green"},
+               {"messages": [{"role": "user", "content": "red or blue"}], "adapter": None, "id": 7},
+               {"prompt": "the sky was dark", "adapter": "math"}, {"prompt": "yes", "adapter": "default"}]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n\n")
+    argv = _argv(lm, "--adapter", str(lm.adapter), "--adapter", f"math={more.math}", "--prompt-file", str(path),
+                 "--batch-size", "3")
+    assert main(argv) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    dirs = {"math": more.math, "default": lm.adapter, None: None}
+    for record, line in zip(records, lines, strict=True):
+        name = record.get("adapter", "default")
+        assert line == {**record, "adapter": name, "output": line["output"]}
+        messages = record.get("messages") or [{"role": "user", "content": record["prompt"]}]
+        want = _alone(lm, gen.encode_chat(lm.tok, messages, TEMPLATE), dirs[name])
+        assert line["output"] == lm.tok.decode(want, skip_special_tokens=True).strip(), record
+    first = gen.encode_chat(lm.tok, [{"role": "user", "content": records[0]["prompt"]}], TEMPLATE)
+    assert _alone(lm, first, more.math) != _alone(lm, first, None)  # the second adapter changes the answer
+
+
+def test_use_picks_the_adapter_of_prompt(lm: SimpleNamespace, more: SimpleNamespace,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    answers = _spy(monkeypatch)
+    for use in ("math", "default"):
+        assert main(_argv(lm, "--adapter", f"default={lm.adapter}", "--adapter", f"math={more.math}", "--use", use,
+                          "--prompt", PROMPT, "--plain")) == 0
+    ids = gen.encode_plain(lm.tok, PROMPT)
+    assert answers == [_alone(lm, ids, more.math), _alone(lm, ids, lm.adapter)]
+
+
+def _bad_records(tmp_path: Path, text: str) -> str:
+    path = tmp_path / f"bad{len(list(tmp_path.glob('bad*')))}.jsonl"
+    path.write_text(text)
+    return str(path)
+
+
+def test_bad_adapter_inputs_exit_2_with_one_line(lm: SimpleNamespace, more: SimpleNamespace, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture) -> None:
+    a, m = str(lm.adapter), f"math={more.math}"
+    cases = [
+        (("--adapter", "=x", "--prompt", "x"), "expected DIR or NAME=DIR"),
+        (("--adapter", "math=", "--prompt", "x"), "expected DIR or NAME=DIR"),
+        (("--adapter", "no/slash=x", "--prompt", "x"), "expected DIR or NAME=DIR"),
+        (("--adapter", a, "--adapter", a, "--prompt", "x"), "--adapter names ['default'] more than once"),
+        (("--adapter", m, "--adapter", m, "--prompt", "x"), "--adapter names ['math'] more than once"),
+        (("--adapter", a, "--use", "nope", "--prompt", "x"), "--use 'nope' is not one of the --adapter names"),
+        (("--adapter", a, "--adapter", m, "--merge", "--prompt", "x"), "--merge folds one adapter"),
+        (("--prompt-file", str(tmp_path / "none.jsonl")), "no such file"),
+        (("--prompt", "x", "--batch-size", "4"), "--batch-size applies to --prompt-file"),
+        (("--prompt", "x", "--prompt-file", _bad_records(tmp_path, "")), "--prompt-file is a batch of its own"),
+        (("--prompt-file", _bad_records(tmp_path, "\n")), "no records"),
+        (("--adapter", a, "--prompt-file", _bad_records(tmp_path, '{"prompt": "x", "adapter": "nope"}\n')),
+         "line 1: adapter 'nope' is not loaded"),
+        (("--prompt-file", _bad_records(tmp_path, '{"prompt": "x"}\n{"text": "x"}\n')), "line 2: a record needs"),
+        (("--prompt-file", _bad_records(tmp_path, "{oops\n")), "line 1: not JSON"),
+        (("--adapter", f"other={more.other}", "--prompt", "x"), "the adapter was made for a different base model"),
+    ]
+    for extra, needle in cases:
+        try:
+            code = main(["generate", "--model", str(lm.dir), "--device", "cpu", *extra])
+        except SystemExit as e:
+            code = e.code
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and needle in err[0], (extra, err)

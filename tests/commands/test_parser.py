@@ -72,3 +72,13 @@ def test_the_command_line_and_its_help_import_no_torch(code: str) -> None:
     proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[-1] == "HEAVY []"
+
+
+def test_repeated_adapter_flags_from_the_command_line_and_a_config_file(tmp_path) -> None:
+    """--adapter [NAME=]DIR repeats (a bare DIR is "default"); a config file's list gives one flag per item."""
+    args = flags.parse_args(["generate", "--model", "m", "--adapter", "a", "--adapter", "math=runs/x=1", "--prompt", "p"])
+    assert args.adapter == [("default", "a"), ("math", "runs/x=1")]
+    config = tmp_path / "gen.yaml"
+    config.write_text("adapter: [default=a, code=b]\nuse: code\n")
+    args = flags.parse_args(["generate", "--config", str(config), "--model", "m", "--prompt", "p"])
+    assert args.adapter == [("default", "a"), ("code", "b")] and args.use == "code"

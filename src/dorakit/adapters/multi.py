@@ -241,3 +241,26 @@ def only_adapter(model: nn.Module, name: str) -> Iterator[None]:
             ctx.__exit__(None, None, None)
         for module_name, layer in hidden:
             _set_child(model, module_name, layer)
+
+
+BASE_ALIAS = "__base__"
+"""PEFT's name for "no adapter" in ``adapter_names``; dk.generate accepts it as well as None."""
+
+
+def generate(model: nn.Module, *args: object, adapter_names: Sequence[str | None], **kwargs: object) -> object:
+    """``model.generate(*args, **kwargs)`` with row i of the batch run by adapter ``adapter_names[i]``.
+
+    PEFT's ``model.generate(..., adapter_names=[...])`` for dorakit (which does not wrap the model): one
+    name per prompt, None (or PEFT's "__base__") for the base model. Each name is repeated for the rows
+    ``generate`` makes of its prompt (max(num_beams, num_return_sequences) of them, from the kwargs or the
+    model's generation config), so each prompt's output is the one its adapter alone gives it.
+    Decoder-only models (an encoder-decoder's encoder sees the unrepeated batch)."""
+    if isinstance(adapter_names, str):
+        raise RoutingError(f"adapter_names must be a list with one name per prompt, got the string {adapter_names!r}.")
+    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    beams = kwargs.get("num_beams") or getattr(config, "num_beams", 1) or 1
+    returns = kwargs.get("num_return_sequences") or getattr(config, "num_return_sequences", 1) or 1
+    repeat = max(int(beams), int(returns))
+    names = [None if n == BASE_ALIAS else n for n in adapter_names for _ in range(repeat)]
+    with adapter_routing(model, names):
+        return model.generate(*args, **kwargs)

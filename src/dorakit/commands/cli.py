@@ -186,6 +186,10 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 def _run_generate(args: argparse.Namespace) -> int:
+    if args.prompt_file:
+        from .batch import run_prompt_file
+
+        return run_prompt_file(args)
     from .generate import run_generate
 
     return run_generate(args)

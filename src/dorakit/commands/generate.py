@@ -1,16 +1,18 @@
-"""``dorakit generate``: talk to a local causal LM, optionally with an adapter, streaming to the terminal.
+"""``dorakit generate``: talk to a local causal LM, optionally with adapters, streaming to the terminal.
 
-The model loads as ``dorakit eval`` loads it (training.recipes.load_model, then formats.load_adapter);
-the adapter stays unmerged (its layers compute W0 x + DoRA's update, with the norms computed once per
-answer inside ``cached_norms``) unless ``merge`` folds it into the base weights. Generation is
-transformers' ``model.generate`` with a ``TextStreamer``.
+The model loads as ``dorakit eval`` loads it (training.recipes.load_model, then formats.load_adapter, once
+per ``--adapter [NAME=]DIR``); the adapters stay unmerged (their layers compute W0 x + DoRA's update, with
+the norms computed once per answer inside ``cached_norms``) unless ``merge`` folds the one adapter into the
+base weights. --prompt / --chat run one adapter (``--use``) through transformers' ``model.generate`` with a
+``TextStreamer``; a --prompt-file batch runs each record's adapter in one mixed batch (batch.py, which
+builds on this module).
 """
 
 from __future__ import annotations
 
 import copy
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -36,9 +38,10 @@ class Sampling:
     seed: int = 0
 
 
-def load_for_generation(model_dir: str, adapter: str | None = None, merge: bool = False,
+def load_for_generation(model_dir: str, adapter: str | Sequence[tuple[str, str]] | None = None, merge: bool = False,
                         device: torch.device | str = "cpu") -> tuple[nn.Module, Any]:
-    """(model, tokenizer) of a local causal LM with ``adapter`` applied (folded in with ``merge``), in eval mode."""
+    """(model, tokenizer) of a local causal LM in eval mode with ``adapter`` applied: one directory, or
+    (name, directory) pairs loaded as named adapters (the first one active); ``merge`` folds the one in."""
     from ..adapters.inject import merge_and_unload
     from ..formats.dispatch import load_adapter
     from ..training.recipes import load_model, model_task
@@ -46,10 +49,11 @@ def load_for_generation(model_dir: str, adapter: str | None = None, merge: bool 
     if model_task(model_dir, "auto") != "causal":
         raise RecipeError(f"{model_dir}: dorakit generate needs a causal language model; this one is not.")
     model, tokenizer = load_model(model_dir, "causal")
-    if adapter:
-        load_adapter(model, adapter)
-        if merge:
-            merge_and_unload(model)
+    pairs = [("default", adapter)] if isinstance(adapter, str) else list(adapter or [])
+    for name, directory in pairs:  # one for another base fails with an AdapterFileError naming the directory
+        load_adapter(model, directory, name=name)
+    if pairs and merge:
+        merge_and_unload(model)
     return model.to(device).eval(), tokenizer
 
 
@@ -127,14 +131,30 @@ def _prompted(lines: Iterable[str], prompt_to: TextIO | None) -> Iterable[str]:
         yield line
 
 
+def adapter_names(args: Any) -> list[str]:
+    """The names of the --adapter flags, in order."""
+    return [name for name, _ in args.adapter or []]
+
+
+def default_adapter(args: Any) -> str | None:
+    """--use, else "default" if loaded, else the first --adapter (None without adapters)."""
+    names = adapter_names(args)
+    if args.use is not None:
+        return args.use
+    return "default" if "default" in names else (names[0] if names else None)
+
+
 def run_generate(args: Any) -> int:
     """The ``dorakit generate`` command (flags parsed and checked by commands.parser)."""
+    from ..adapters.multi import set_adapter
     from ..training.distributed import single_device
 
     model, tokenizer = load_for_generation(args.model, args.adapter, args.merge, single_device(args.device))
     template = chat_template(tokenizer, args.chat_template)
     sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p, args.top_k, args.seed)
     torch.manual_seed(sampling.seed)
+    if args.adapter and not args.merge:
+        set_adapter(model, default_adapter(args))
     if args.chat:
         if template is None:
             raise RecipeError(f"{args.model}: its tokenizer has no chat template, which --chat needs; pass "

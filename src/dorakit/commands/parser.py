@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import textwrap
 import tomllib
 from collections.abc import Callable, Sequence
@@ -31,7 +32,7 @@ SUMMARIES = {
     "demo": "full FT vs LoRA vs DoRA on a real model and real data, offline on a CPU, in minutes",
     "sweep": "accuracy vs rank: finetune once per (method, rank) and tabulate",
     "params": "trainable parameters of a config, counted on the meta device (no weights loaded)",
-    "generate": "talk to a local causal LM, optionally with an adapter: one --prompt or a --chat",
+    "generate": "talk to a local causal LM, optionally with adapters: one --prompt, a --chat or a --prompt-file batch",
 }
 
 
@@ -335,22 +336,62 @@ def _existing_file(text: str) -> str:
     return text
 
 
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,63}")
+"""A valid adapter name (the rule of dorakit.adapters.multi, repeated here so --help loads no torch)."""
+
+
+def _adapter_spec(text: str) -> tuple[str, str]:
+    """An argparse type: --adapter DIR (the adapter named "default") or --adapter NAME=DIR, as (name, dir)."""
+    name, sep, directory = text.partition("=")
+    if not sep:
+        return "default", text
+    if not ADAPTER_NAME.fullmatch(name) or not directory:
+        raise argparse.ArgumentTypeError(
+            f"expected DIR or NAME=DIR with NAME 1-64 letters, digits, '_' or '-' and a directory, got {text!r}; "
+            "e.g. --adapter math=runs/math/final (a directory whose path has '=' in it: default=PATH)")
+    return name, directory
+
+
+def _prompt_file(text: str) -> str:
+    """An argparse type: a JSONL file that exists (its records are checked when it is read)."""
+    if not Path(text).is_file():
+        raise argparse.ArgumentTypeError(f"no such file: {text!r}; pass a JSONL file of {{\"prompt\": ...}} or "
+                                         "{\"messages\": [...]} records, each with an optional \"adapter\"")
+    return text
+
+
 def _generate_parser(sub: argparse._SubParsersAction) -> None:
     p = _add(sub, "generate", "Generate text with a local causal LM, optionally with an adapter (unmerged, or folded "
              "in with --merge), streaming tokens to the terminal. --prompt TEXT answers once; --chat reads one "
              "message per line from stdin until end of input or /exit, keeping the conversation. Chat messages, "
              "and --prompt when the tokenizer has a chat template, are rendered with the tokenizer's chat template "
-             "(or --chat-template FILE); otherwise --prompt is fed as plain text.")
+             "(or --chat-template FILE); otherwise --prompt is fed as plain text. Several adapters load by name "
+             "(--adapter NAME=DIR, repeated) onto one base: --use NAME picks the one --prompt / --chat run, and a "
+             "--prompt-file JSONL batch names one per record, all generated together in mixed batches.")
     p.add_argument("--model", required=True, help="local transformers causal LM directory")
-    p.add_argument("--adapter", default=None, help="adapter directory (PEFT format), e.g. <finetune output>/final")
-    p.add_argument("--merge", action="store_true", help="fold the adapter into the base weights before generating")
-    g = p.add_mutually_exclusive_group(required=True)
+    p.add_argument("--adapter", type=_adapter_spec, action="append", default=None, metavar="[NAME=]DIR",
+                   help="adapter directory (PEFT format), e.g. <finetune output>/final; repeat as NAME=DIR to load "
+                   "several adapters by name onto one base (a bare DIR is the adapter named default)")
+    p.add_argument("--use", default=None, metavar="NAME", help="the adapter --prompt and --chat run, and the one of "
+                   "--prompt-file records without an \"adapter\" key (default: 'default' if loaded, else the first "
+                   "--adapter)")
+    p.add_argument("--merge", action="store_true", help="fold the adapter into the base weights before generating "
+                   "(one adapter; not with --prompt-file)")
+    p.add_argument("--prompt-file", type=_prompt_file, default=None, metavar="JSONL",
+                   help="a batch: one JSON record per line, {\"prompt\": TEXT} or {\"messages\": [...]}, with an "
+                   "optional \"adapter\": NAME (null: the base model); each record runs its own adapter in one mixed "
+                   "batch, and each answer is printed as the record plus \"output\", one JSON line each (instead of "
+                   "--prompt / --chat)")
+    g = p.add_mutually_exclusive_group()  # one of them, or --prompt-file: checked in _check_generate
     g.add_argument("--prompt", default=None, help="the text to continue (or the one user message, with a template)")
     g.add_argument("--chat", action="store_true", help="interactive: one message per stdin line; /exit or end of "
                    "input stops")
     p.add_argument("--chat-template", type=_existing_file, default=None,
                    help="a Jinja chat template file to use instead of the tokenizer's")
-    p.add_argument("--plain", action="store_true", help="feed --prompt as plain text even if there is a chat template")
+    p.add_argument("--plain", action="store_true", help="feed --prompt (and --prompt-file's \"prompt\" records) as "
+                   "plain text even if there is a chat template")
+    p.add_argument("--batch-size", type=_integer(1, 8), default=None,
+                   help="--prompt-file records per generate() call (default: 8)")
     s = p.add_argument_group("sampling")
     s.add_argument("--max-new-tokens", type=_integer(1, 128), default=128, help="tokens to generate per answer")
     s.add_argument("--temperature", type=_number(0, "0.7"), default=0.0,
@@ -367,8 +408,27 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
 def _check_generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """generate's flags that only work together: checked at parse time, exit 2 with one line."""
     sub = parser._subparsers._group_actions[0].choices["generate"]  # type: ignore[union-attr]
+    given = [flag for flag, on in (("--prompt", args.prompt is not None), ("--chat", args.chat),
+                                   ("--prompt-file", args.prompt_file)) if on]
+    if not given:
+        sub.error("one of the arguments --prompt --chat is required (or --prompt-file JSONL, a batch)")
+    if args.prompt_file and len(given) > 1:
+        sub.error(f"--prompt-file is a batch of its own; leave out {given[0]}")
+    if args.batch_size is not None and not args.prompt_file:
+        sub.error("--batch-size applies to --prompt-file (--prompt and --chat answer one prompt at a time)")
     if args.merge and not args.adapter:
         sub.error("--merge needs --adapter (the adapter to fold in)")
+    names = [name for name, _ in args.adapter or []]
+    duplicated = sorted({n for n in names if names.count(n) > 1})
+    if duplicated:
+        sub.error(f"--adapter names {duplicated} more than once (a bare DIR is named 'default'); give each adapter "
+                  "its own NAME=DIR")
+    if args.merge and (len(names) > 1 or args.prompt_file):
+        sub.error("--merge folds one adapter into the base for --prompt / --chat; with several --adapter or "
+                  "--prompt-file, leave --merge out (adapters run unmerged, exactly)")
+    if args.use is not None and args.use not in names:
+        sub.error(f"--use {args.use!r} is not one of the --adapter names {names}; e.g. --adapter "
+                  f"{args.use}=DIR --use {args.use}")
     if args.temperature == 0:
         given = [flag for flag, value in (("--top-p", args.top_p), ("--top-k", args.top_k)) if value is not None]
         if given:
@@ -438,6 +498,8 @@ def config_argv(sub: argparse.ArgumentParser, data: dict[str, Any], path: str) -
                 raise ValueError(f"--config {path}: {key!r} must be true or false, got {value!r}.")
             if value or isinstance(action, argparse.BooleanOptionalAction):
                 argv.append(flag if value else "--no-" + flag[2:])
+        elif isinstance(value, list) and isinstance(action, argparse._AppendAction):  # e.g. adapter: [a=x, b=y]
+            argv += [part for item in value for part in (flag, str(item))]
         elif isinstance(value, list):
             argv += [flag, *map(str, value)]
         elif isinstance(value, dict):
