@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from .distributed import ONE_PROCESS, Dist, barrier
+from .distributed import ONE_PROCESS, Dist, barrier, unwrap
 from ..formats.io import atomic_write_bytes
 
 LATEST = "latest"
@@ -63,7 +63,18 @@ def _state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str
     (collective under FSDP; for a fresh optimizer, its state is first created with a zero step)."""
     with _one_process_is_fine():
         model_sd, optim_sd = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
-    return {MODEL: model_sd, OPTIM: optim_sd}
+    quant = _quant_state_prefixes(model)
+    return {MODEL: {k: v for k, v in model_sd.items() if not k.startswith(quant)}, OPTIM: optim_sd}
+
+
+def _quant_state_prefixes(model: nn.Module) -> tuple[str, ...]:
+    """"<name>.weight." of every bitsandbytes Linear4bit: its state dict adds the frozen quant state (absmax,
+    quant_map, ...) as tensors under that prefix, which ignore_frozen_params does not drop (they are not
+    parameters). They are base data, left out like the packed weight: a weight sharded by FSDP2 carries no
+    quant state, so a checkpoint written by one process would not resume on several otherwise."""
+    from ..adapters.quant import is_linear4bit
+
+    return tuple(f"{name}.weight." for name, module in unwrap(model).named_modules() if is_linear4bit(module))
 
 
 @contextmanager
@@ -160,7 +171,8 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     """Collective: restore trainable tensors and the optimizer from ``path`` (resharded to this run's
     processes); returns state.json, with "rng" = this process's saved RNG state when the checkpoint
     was written by as many processes as this run has, else None. Checks everything before loading."""
-    saved = {k: m.size for k, m in _tensor_meta(path).items()}
+    quant = tuple(f"{MODEL}.{prefix}" for prefix in _quant_state_prefixes(model))
+    saved = {k: m.size for k, m in _tensor_meta(path).items() if not k.startswith(quant)}  # older runs wrote them
     states = _state_dicts(model, optimizer)
     _check_model_tensors(path, saved, states[MODEL])
     with _one_process_is_fine():

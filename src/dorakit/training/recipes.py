@@ -265,9 +265,10 @@ def _check_distributed(args: FinetuneArgs, d: Dist) -> None:
     if d.world_size == 1 and d.strategy == "none":
         return
     check_precision(d.strategy, args.train.precision)
-    if args.load_in_4bit:
-        raise RecipeError(f"--load-in-4bit with --strategy {d.strategy}: 4-bit (bitsandbytes) bases train in one "
-                          "process here; drop --load-in-4bit, or run one process with --strategy none.")
+    if args.load_in_4bit and d.strategy != "fsdp":
+        raise RecipeError(f"--load-in-4bit with --strategy {d.strategy}: a 4-bit (bitsandbytes) base trains on "
+                          "several processes with FSDP2 only (each process holds its shard of the NF4 base); pass "
+                          "--strategy fsdp, or run one process with --strategy none.")
     if args.record_deltas and d.strategy == "fsdp":
         raise RecipeError("--record-deltas with --strategy fsdp: the ΔM/ΔD recorder reads whole weights, which FSDP "
                           "shards; use --strategy ddp, or run `dorakit analyze` on the saved adapters afterwards.")
