@@ -11,8 +11,8 @@ N times the tokens per step.
     python benchmarks/bench_distributed.py --load-in-4bit --nprocs 1 2 --strategies none fsdp   # QDoRA
 
 ``--load-in-4bit`` runs each command with ``dorakit finetune --load-in-4bit`` (NF4 base, QLoRA /
-QDoRA). Several processes with a 4-bit base are refused by ``dorakit finetune`` until it can shard
-one (issue 23); those rows print its one-line error.
+QDoRA). Several processes shard the NF4 base with ``--strategy fsdp``; ``--strategy ddp`` with a
+4-bit base is refused by ``dorakit finetune``, and such a row prints its one-line error.
 """
 
 from __future__ import annotations

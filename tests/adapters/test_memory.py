@@ -83,3 +83,12 @@ def test_quantized_bases_and_fsdp_shards() -> None:
     assert two["activations"] == one["nf4"]["activations"] and two["gathered"] > 0 == one["nf4"]["gathered"]
     with pytest.raises(ValueError, match="base must be one of"):
         MemoryPlan(base="fp8")
+
+
+def test_fsdp_shards_nf4_codes_but_every_gpu_keeps_the_scales() -> None:
+    """FSDP2 shards the packed NF4 codes (0.5 byte per weight); each GPU keeps the whole quant state."""
+    pytest.importorskip("transformers")
+    meta = _llama("meta")
+    one, two = (estimate_memory(meta, MemoryPlan(base="nf4", gpus=n)) for n in (1, 2))
+    assert two["scales"] == one["scales"] > 0 == estimate_memory(meta, MemoryPlan(base="bf16"))["scales"]
+    assert two["base"] == pytest.approx(one["base"] / 2) and two["total"] > one["total"] / 2 + one["scales"] / 2

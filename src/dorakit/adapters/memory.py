@@ -20,8 +20,9 @@ Components, in bytes on one GPU:
   gradient). Plus the logits and their log-softmax in float32 (2 · 4 · vocab bytes). With gradient
   checkpointing only each layer's input h is kept, plus the larger of the logits and one layer's full
   set (recomputed in backward after the logits are freed).
-* gathered (FSDP over N > 1 GPUs): base, trainable, grads and optimizer are divided by N; two
-  decoder layers' base weights are whole at a time (the one computing and the one prefetched).
+* gathered (FSDP over N > 1 GPUs): base, trainable, grads and optimizer are divided by N, except a
+  quantized base's scales (``scales``: FSDP2 shards the packed codes, each GPU keeps the whole quant
+  state); two decoder layers' base weights are whole at a time (the one computing and the one prefetched).
 * transient: the largest linear weight dequantized to the compute dtype (a quantized base's matmul
   and the DoRA norm make one such copy at a time).
 """
@@ -65,38 +66,40 @@ class MemoryPlan:
             raise ValueError(f"act_bytes must be 2 or 4, got {self.act_bytes}.")
 
 
-def _weight_bytes(module_name: str, module: nn.Module, numel: int, rows: int, base: str) -> float:
-    """Bytes of one frozen weight in the base's precision."""
+def _weight_bytes(module_name: str, module: nn.Module, numel: int, rows: int, base: str) -> tuple[float, float]:
+    """(bytes of one frozen weight in the base's precision, of them its quantization scales)."""
     quantized = isinstance(module, nn.Linear) and module_name.rpartition(".")[2] not in HEADS
     if base == "fp32":
-        return 4.0 * numel
+        return 4.0 * numel, 0.0
     if base == "bf16" or not quantized:
-        return 2.0 * numel
+        return 2.0 * numel, 0.0
     if base == "int8":
-        return numel + 4.0 * rows
-    return numel * (0.5 + 1 / 64 + 4 / (64 * 256))
+        return numel + 4.0 * rows, 4.0 * rows
+    scales = numel * (1 / 64 + 4 / (64 * 256))
+    return 0.5 * numel + scales, scales
 
 
-def _base_bytes(model: nn.Module, base: str) -> tuple[float, float, int]:
-    """(frozen bytes, the largest decoder layer's frozen bytes, the largest linear's numel)."""
+def _base_bytes(model: nn.Module, base: str) -> tuple[float, float, float, int]:
+    """(frozen bytes, of them quantization scales, the largest decoder layer's frozen bytes without its
+    scales, the largest linear's numel)."""
     adapted = {id(layer.base_layer): name for name, layer in adapter_layers(model)}
-    total, per_layer, largest = 0.0, {}, 0
+    total, scales, per_layer, largest = 0.0, 0.0, {}, 0
     for name, module in model.named_modules():
         for pname, p in module.named_parameters(recurse=False):
             if p.requires_grad:
                 continue
             if pname == "weight":
                 rows = p.shape[0] if p.dim() == 2 else 1
-                b = _weight_bytes(adapted.get(id(module), name), module, p.numel(), rows, base)
+                b, s = _weight_bytes(adapted.get(id(module), name), module, p.numel(), rows, base)
             else:                                                   # biases, norms: fp32 or bf16
-                b = (4.0 if base == "fp32" else 2.0) * p.numel()
-            total += b
+                b, s = (4.0 if base == "fp32" else 2.0) * p.numel(), 0.0
+            total, scales, b = total + b, scales + s, b - s
             key = _layer_key(name)
             if key is not None:
                 per_layer[key] = per_layer.get(key, 0.0) + b
             if isinstance(module, nn.Linear):
                 largest = max(largest, p.numel())
-    return total, max(per_layer.values(), default=0.0), largest
+    return total, scales, max(per_layer.values(), default=0.0), largest
 
 
 def _layer_key(name: str) -> str | None:
@@ -126,7 +129,7 @@ def _activation_elems_per_token(model: nn.Module, plan: MemoryPlan) -> tuple[flo
 def estimate_memory(model: nn.Module, plan: MemoryPlan) -> dict[str, float]:
     """Bytes per GPU by component (see the module docstring) and their ``total``, for ``model`` (meta
     device, adapters applied or not) trained as ``plan`` says."""
-    base, layer_bytes, largest = _base_bytes(model, plan.base)
+    base, scales, layer_bytes, largest = _base_bytes(model, plan.base)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     tokens = plan.batch_size * plan.seq_len
     kept, full = _activation_elems_per_token(model, plan)
@@ -137,7 +140,8 @@ def estimate_memory(model: nn.Module, plan: MemoryPlan) -> dict[str, float]:
         per_token = kept * plan.act_bytes + logits
     n = plan.gpus
     out = {
-        "base": base / n,
+        "base": (base - scales) / n,
+        "scales": scales,
         "trainable": 4.0 * trainable / n,
         "grads": 4.0 * trainable / n,
         "optimizer": 8.0 * trainable / n,

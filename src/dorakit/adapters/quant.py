@@ -94,7 +94,7 @@ def dequantize_weight(linear: nn.Module) -> Tensor:
 
 def _quant_state_4bit(linear: nn.Module) -> object:
     """The QuantState of a Linear4bit whose codes can be dequantized exactly (errors name the fix)."""
-    state = getattr(linear.weight, "quant_state", None)
+    state = quant_state(linear)
     if state is None:
         raise ValueError(f"this {type(linear).__name__} is not quantized yet (bitsandbytes quantizes on the first "
                          "move to a device): call .to(device) on it, or build it with dk.quantize_model.")
@@ -183,6 +183,14 @@ def _dequantize_8bit(bnb: ModuleType, linear: nn.Module) -> Tensor:
     return bnb.functional.int8_vectorwise_dequant(weight.data, scb.to(weight.device))
 
 
+def quant_state(linear: nn.Module) -> object | None:
+    """The bitsandbytes QuantState of a Linear4bit: the weight's own, else the copy bitsandbytes keeps on the
+    module (``linear.quant_state``). Under FSDP2 the weight is a plain tensor of the packed bytes (a shard, or
+    the all-gathered whole inside the forward) that has lost the attribute; the module's copy is the same state."""
+    state = getattr(linear.weight, "quant_state", None)
+    return getattr(linear, "quant_state", None) if state is None else state
+
+
 def matmul_8bit(linear: nn.Module, x: Tensor, bias: Tensor | None) -> Tensor:
     """x W0ᵀ (+ bias) through bitsandbytes' 8-bit matmul, as Linear8bitLt.forward computes it.
 
@@ -220,7 +228,7 @@ def matmul_4bit(linear: nn.Module, x: Tensor, bias: Tensor | None) -> Tensor:
         x = x.to(linear.compute_dtype)
     if bias is not None:
         bias = bias.to(x.dtype)
-    return bnb.matmul_4bit(x, linear.weight.t(), bias=bias, quant_state=linear.weight.quant_state).to(in_dtype)
+    return bnb.matmul_4bit(x, linear.weight.t(), bias=bias, quant_state=quant_state(linear)).to(in_dtype)
 
 
 class QuantizedLinearAdapter(AdapterLayer):

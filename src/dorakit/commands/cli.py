@@ -46,7 +46,7 @@ def _finetune_args(args: argparse.Namespace):
                       train_on_inputs=args.train_on_inputs, chat_template=args.chat_template, pack=args.pack,
                       eval_data=args.eval_data, eval_limit=args.eval_limit,
                       gradient_checkpointing=args.gradient_checkpointing, record_deltas=args.record_deltas,
-                      load_in_4bit=args.load_in_4bit,
+                      load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit,
                       device=args.device, strategy=args.strategy, resume=args.resume, compile=args.compile,
                       report_to=_report_to(args.report_to), train=_train_config(args))
 

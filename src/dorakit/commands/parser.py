@@ -195,7 +195,9 @@ def _speed_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--precision", default=d.precision, choices=PRECISIONS,
                    help="fp32, or autocast to bf16 / fp16 (fp16 with a gradient scaler; GPU only)")
     g.add_argument("--load-in-4bit", action=argparse.BooleanOptionalAction, default=False,
-                   help="quantize the base to NF4 (bitsandbytes): QLoRA / QDoRA")
+                   help="quantize the base to NF4 (bitsandbytes): QLoRA / QDoRA; several processes with --strategy fsdp")
+    g.add_argument("--load-in-8bit", action=argparse.BooleanOptionalAction, default=False,
+                   help="quantize the base to int8 (bitsandbytes LLM.int8()): LoRA / DoRA over it; one process")
     g.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False,
                    help="recompute activations in the backward: less memory, more compute")
     g.add_argument("--compile", action="store_true",
@@ -526,4 +528,6 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.command == "generate":
         _check_generate(parser, args)
+    if getattr(args, "load_in_4bit", False) and getattr(args, "load_in_8bit", False):
+        subs[args.command].error("--load-in-4bit and --load-in-8bit: the base is quantized one way; pass one of them")
     return args

@@ -62,8 +62,11 @@ def is_embedding_name(name: str) -> bool:
 
 
 def peft_magnitude_shape(layer: AdapterLayer) -> tuple[int, ...]:
-    """PEFT stores a convolution's magnitude as (1, out, 1, ...); everything else as (out,)."""
-    out = layer.weight_2d().shape[0]
+    """PEFT stores a convolution's magnitude as (1, out, 1, ...); everything else as (out,).
+
+    ``out`` is read off the magnitude (out,) itself, not off W0: a quantized W0 sharded by FSDP2 cannot be
+    dequantized outside the layer's forward."""
+    out = layer.magnitude.shape[0]
     if isinstance(layer, ConvAdapter):
         return (1, out) + (1,) * (layer.base_layer.weight.dim() - 2)
     return (out,)

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from .distributed import ONE_PROCESS, Dist, barrier
+from .distributed import ONE_PROCESS, Dist, barrier, unwrap
 from ..formats.io import atomic_write_bytes
 
 LATEST = "latest"
@@ -61,9 +61,38 @@ def set_rng_state(state: Mapping[str, object]) -> None:
 def _state_dicts(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, dict]:
     """{"model": trainable tensors by name, "optim": AdamW state by name}, as DCP saves and loads them
     (collective under FSDP; for a fresh optimizer, its state is first created with a zero step)."""
-    with _one_process_is_fine():
+    with _one_process_is_fine(), _no_quant_state(model):
         model_sd, optim_sd = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
     return {MODEL: model_sd, OPTIM: optim_sd}
+
+
+def _quantized_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every bitsandbytes Linear4bit / Linear8bitLt of the model."""
+    from ..adapters.quant import is_linear4bit, is_linear8bit
+
+    return [(n, m) for n, m in unwrap(model).named_modules() if is_linear4bit(m) or is_linear8bit(m)]
+
+
+@contextmanager
+def _no_quant_state(model: nn.Module) -> Iterator[None]:
+    """Within the block, bitsandbytes' layers give state_dict() their parameters only.
+
+    They add their frozen quant state as extra entries (Linear4bit: "<name>.weight.absmax", ...;
+    Linear8bitLt: "<name>.SCB", "<name>.weight_format"), which ignore_frozen_params keeps (they are not
+    parameters) and DCP cannot resolve to a module attribute (the 8-bit ones). It is base data, like the
+    packed weight: a checkpoint holds trainable tensors only, so one process and FSDP2 (whose sharded
+    4-bit weight carries no quant state) write the same keys."""
+    def parameters_only(module: nn.Module, state_dict: dict, prefix: str, _: object) -> None:
+        keep = {prefix + name for name, _ in module.named_parameters(recurse=False)}
+        for key in [k for k in state_dict if k.startswith(prefix) and k not in keep]:
+            del state_dict[key]
+
+    handles = [m.register_state_dict_post_hook(parameters_only) for _, m in _quantized_modules(model)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 @contextmanager
@@ -160,7 +189,8 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     """Collective: restore trainable tensors and the optimizer from ``path`` (resharded to this run's
     processes); returns state.json, with "rng" = this process's saved RNG state when the checkpoint
     was written by as many processes as this run has, else None. Checks everything before loading."""
-    saved = {k: m.size for k, m in _tensor_meta(path).items()}
+    quant = tuple(f"{MODEL}.{name}.weight." for name, _ in _quantized_modules(model))  # a 4-bit quant state that
+    saved = {k: m.size for k, m in _tensor_meta(path).items() if not k.startswith(quant)}  # older runs wrote
     states = _state_dicts(model, optimizer)
     _check_model_tensors(path, saved, states[MODEL])
     with _one_process_is_fine():

@@ -79,26 +79,29 @@ def model_task(model_dir: str | os.PathLike, task: str) -> str:
 
 def load_model(model_dir: str | os.PathLike, task: str, num_labels: int | None = None,
                dtype: torch.dtype = torch.float32, load_in_4bit: bool = False,
-               device: torch.device | None = None) -> tuple[nn.Module, Any]:
+               device: torch.device | None = None, load_in_8bit: bool = False) -> tuple[nn.Module, Any]:
     """(model, tokenizer) from a local directory; no network access.
 
     ``load_in_4bit`` quantizes the linear layers to NF4 with double quantization (QLoRA's data
     type, through bitsandbytes) on ``device``; adapters applied afterwards are QLoRA / QDoRA.
+    ``load_in_8bit`` quantizes them to int8 (LLM.int8(), transformers' defaults) instead.
     """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     path = str(model_dir)
     kw: dict[str, Any] = {"local_files_only": True, "dtype": dtype}
-    if load_in_4bit:
+    if load_in_4bit or load_in_8bit:
         from transformers import BitsAndBytesConfig
 
         from ..adapters.quant import require_bitsandbytes
 
         require_bitsandbytes()
         compute = torch.bfloat16 if device is not None and device.type == "cuda" else torch.float32
-        kw |= {"quantization_config": BitsAndBytesConfig(
+        # NF4 codes in bitsandbytes' default uint8 storage: the dtype FSDP2 shards (distributed.wrap)
+        config = BitsAndBytesConfig(load_in_8bit=True) if load_in_8bit else BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=compute), "device_map": {"": str(device or "cpu")}}
+            bnb_4bit_compute_dtype=compute, bnb_4bit_quant_storage=torch.uint8)
+        kw |= {"quantization_config": config, "device_map": {"": str(device or "cpu")}}
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         if task == "causal":
@@ -144,6 +147,8 @@ class FinetuneArgs:
     gradient_checkpointing: bool = False
     load_in_4bit: bool = False
     """Load the base in NF4 (bitsandbytes): QLoRA / QDoRA."""
+    load_in_8bit: bool = False
+    """Load the base in int8 (bitsandbytes LLM.int8()): LoRA / DoRA over an 8-bit base; one process."""
     record_deltas: int = 0
     """Record the paper's ΔM / ΔD every this many steps into <output_dir>/deltas.json (0: off)."""
     device: str = "auto"
@@ -155,6 +160,11 @@ class FinetuneArgs:
     report_to: Sequence[str] = ("jsonl",)
     """Where metrics go: "jsonl" (<output_dir>/metrics.jsonl, always written), "tensorboard", "wandb"."""
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def quantized(self) -> str | None:
+        """The flag that quantizes the base ("--load-in-4bit" / "--load-in-8bit"), None for a dense base."""
+        return "--load-in-4bit" if self.load_in_4bit else "--load-in-8bit" if self.load_in_8bit else None
 
     def __post_init__(self) -> None:
         """Every field checked here, before anything is loaded or written (the CLI checks its flags earlier)."""
@@ -177,6 +187,8 @@ class FinetuneArgs:
         if not isinstance(self.train, TrainConfig):
             raise RecipeError(f"train must be a TrainConfig, got {type(self.train).__name__}.")
         check_device(self.device)
+        if self.load_in_4bit and self.load_in_8bit:
+            raise RecipeError("--load-in-4bit and --load-in-8bit: the base is quantized one way; pass one of them.")
         if self.pack and self.train.cuda_graph:
             raise RecipeError("--pack with --cuda-graph: packed batches carry a 4D attention mask that the graphed "
                               "step does not pad; drop one of them.")
@@ -203,9 +215,9 @@ def _adapter_config(args: FinetuneArgs, model: nn.Module, task: str) -> AdapterC
     if args.method not in METHODS:
         raise RecipeError(f"--method must be one of {METHODS}, got {args.method!r}.")
     if args.method == "full":
-        if args.load_in_4bit:
-            raise RecipeError("--load-in-4bit with --method full: 4-bit weights cannot be trained; use lora or dora "
-                              "(QLoRA / QDoRA).")
+        if args.quantized:
+            raise RecipeError(f"{args.quantized} with --method full: quantized weights cannot be trained; use lora or "
+                              "dora (QLoRA / QDoRA).")
         return None
     names = {n.rpartition(".")[2] for n, _ in model.named_modules()}
     heads = [h for h in HEAD_NAMES if h in names] if task == "classify" else []
@@ -223,9 +235,9 @@ def _steps(args: FinetuneArgs, n_items: int, global_batch: int) -> TrainConfig:
 
 
 def _check_compile(args: FinetuneArgs) -> None:
-    if args.compile and args.load_in_4bit:
-        raise RecipeError("--compile with --load-in-4bit: bitsandbytes' 4-bit layers are not compiled here; drop "
-                          "--compile (or --load-in-4bit).")
+    if args.compile and args.quantized:
+        raise RecipeError(f"--compile with {args.quantized}: bitsandbytes' quantized layers are not compiled here; "
+                          f"drop --compile (or {args.quantized}).")
     if args.compile and args.train.cuda_graph:
         raise RecipeError("--compile with --cuda-graph: use one of them (torch.compile's mode='reduce-overhead' "
                           "captures CUDA graphs itself).")
@@ -242,9 +254,9 @@ def _check_cuda_graph(args: FinetuneArgs, device: torch.device) -> None:
         raise RecipeError(f"--cuda-graph with --strategy {args.strategy}: DDP's and FSDP's communication runs on "
                           "the host, which a CUDA graph cannot record; train one process (--strategy none), or drop "
                           "--cuda-graph.")
-    if args.load_in_4bit:
-        raise RecipeError("--cuda-graph with --load-in-4bit: bitsandbytes' 4-bit layers are not captured here; drop "
-                          "--cuda-graph (or --load-in-4bit).")
+    if args.quantized:
+        raise RecipeError(f"--cuda-graph with {args.quantized}: bitsandbytes' quantized layers are not captured "
+                          f"here; drop --cuda-graph (or {args.quantized}).")
     if args.gradient_checkpointing:
         raise RecipeError("--cuda-graph with --gradient-checkpointing: its recomputation saves and restores RNG "
                           "states on the host, which a CUDA graph cannot record; drop one of them.")
@@ -265,9 +277,13 @@ def _check_distributed(args: FinetuneArgs, d: Dist) -> None:
     if d.world_size == 1 and d.strategy == "none":
         return
     check_precision(d.strategy, args.train.precision)
-    if args.load_in_4bit:
-        raise RecipeError(f"--load-in-4bit with --strategy {d.strategy}: 4-bit (bitsandbytes) bases train in one "
-                          "process here; drop --load-in-4bit, or run one process with --strategy none.")
+    if args.load_in_4bit and d.strategy != "fsdp":
+        raise RecipeError(f"--load-in-4bit with --strategy {d.strategy}: a 4-bit (bitsandbytes) base trains on "
+                          "several processes with FSDP2 only (each process holds its shard of the NF4 base); pass "
+                          "--strategy fsdp, or run one process with --strategy none.")
+    if args.load_in_8bit:
+        raise RecipeError(f"--load-in-8bit with --strategy {d.strategy}: an 8-bit (LLM.int8()) base trains in one "
+                          "process here; run one process with --strategy none, or use --load-in-4bit --strategy fsdp.")
     if args.record_deltas and d.strategy == "fsdp":
         raise RecipeError("--record-deltas with --strategy fsdp: the ΔM/ΔD recorder reads whole weights, which FSDP "
                           "shards; use --strategy ddp, or run `dorakit analyze` on the saved adapters afterwards.")
@@ -304,7 +320,8 @@ def _finetune(args: FinetuneArgs, task: str, d: Dist, device: torch.device, run_
                           "classification model: drop them.")
     if task == "causal":
         template = read_chat_template(args.chat_template) if args.chat_template else None
-        model, tokenizer = load_model(args.model, task, load_in_4bit=args.load_in_4bit, device=device)
+        model, tokenizer = load_model(args.model, task, load_in_4bit=args.load_in_4bit, device=device,
+                                       load_in_8bit=args.load_in_8bit)
         if template is not None:  # saved with the tokenizer in <output_dir>/final
             tokenizer.chat_template = template
         examples = causal_examples(args.data, tokenizer, args.max_len, train_on_inputs=args.train_on_inputs,
@@ -321,7 +338,7 @@ def _finetune(args: FinetuneArgs, task: str, d: Dist, device: torch.device, run_
         pairs = load_classification(args.data)
         labels = label_vocab(pairs)
         model, tokenizer = load_model(args.model, task, num_labels=len(labels), load_in_4bit=args.load_in_4bit,
-                                      device=device)
+                                      device=device, load_in_8bit=args.load_in_8bit)
         texts, ids = classification_examples(pairs, labels, source=str(args.data))
         model.config.id2label = dict(enumerate(labels))  # class id -> label, saved with the head
         model.config.label2id = {label: i for i, label in enumerate(labels)}
@@ -338,7 +355,7 @@ def _finetune(args: FinetuneArgs, task: str, d: Dist, device: torch.device, run_
         apply_adapters(model, cfg)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if not args.load_in_4bit:  # a 4-bit model is placed by device_map at load
+    if not args.quantized:  # a quantized model is placed by device_map at load
         model.to(device)
     trainable, total = count_parameters(model)
     global_batch = args.batch_size * args.train.grad_accum * d.world_size
