@@ -121,10 +121,17 @@ def _run_merge(args: argparse.Namespace) -> int:
 def _run_analyze(args: argparse.Namespace) -> int:
     from .report import analyze_runs
 
-    fits = analyze_runs(args.runs, args.output_dir, module_type=args.module_type)
+    fits = analyze_runs(args.runs, args.output_dir, module_type=args.module_type, view=args.view,
+                        normalize=args.normalize, checkpoints=args.checkpoints, n_boot=args.bootstrap)
     for method, fit in fits.items():
-        print(f"{method}: slope {fit['slope']:+.4g}, Pearson r {fit['r']:+.3f} over {fit['n']} points")
-    print(f"wrote {args.output_dir}/deltas.png, deltas.csv, fits.json")
+        ci = f" [95% CI {fit['low']:+.4g}, {fit['high']:+.4g}]" if "low" in fit else ""
+        print(f"{method}: slope {fit['slope']:+.4g}{ci}, Pearson r {fit['r']:+.3f} over {fit['n']} points")
+    if args.view == "per-checkpoint":
+        for row in json.loads((Path(args.output_dir) / "checkpoint_fits.json").read_text()):
+            ci = f" [{row['low']:+.4g}, {row['high']:+.4g}]" if "low" in row else ""
+            print(f"{row['method']} step {row['step']}: slope {row['slope']:+.4g}{ci} over {row['n']} layers")
+    extra = ", checkpoint_fits.json" if args.view == "per-checkpoint" else ""
+    print(f"wrote {args.output_dir}/deltas.png, deltas.csv, fits.json{extra}")
     return 0
 
 
