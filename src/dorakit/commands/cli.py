@@ -142,12 +142,15 @@ def _run_sweep(args: argparse.Namespace) -> int:
     if out.exists() and any(out.iterdir()) and not args.resume:
         raise FileExistsError(f"{out} exists and is not empty; choose a new --output-dir (nothing is overwritten).")
     try:
-        rows = sweep(_finetune_args(args), args.methods, args.ranks, out, args.alpha_per_rank)
+        rows = sweep(_finetune_args(args), args.methods, args.ranks, out, args.alpha_per_rank, args.seeds)
     except KeyboardInterrupt as e:
         print(f"interrupted: {e}", file=sys.stderr)
         return EXIT_INTERRUPTED
     from .report import markdown_table
 
+    if args.seeds:
+        print((out / "sweep_seeds.md").read_text(), end="")
+        return 0
     print(markdown_table(rows, [("method", "method"), ("rank", "rank"), ("accuracy", "accuracy %"),
                                 ("percent", "trainable %")]))
     return 0

@@ -244,6 +244,9 @@ def _sweep_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--ranks", nargs="+", type=_integer(1, 8), default=[4, 8, 16, 32, 64], help="ranks to run")
     g.add_argument("--alpha-per-rank", type=_number(0, "2", above=True), default=2.0,
                    help="each run's alpha is this × its rank (replaces --alpha)")
+    g.add_argument("--seeds", nargs="+", type=_integer(0, 0), default=[],
+                   help="run the whole sweep once per seed into <output-dir>/seed<S> (replaces --seed) and write "
+                   "sweep_seeds.md/.json/.png: mean ± 95%% interval per rank, DoRA − LoRA paired by seed")
 
 
 def _params_parser(sub: argparse._SubParsersAction) -> None:
