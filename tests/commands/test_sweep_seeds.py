@@ -81,3 +81,38 @@ def test_sweep_cli_with_seeds(tmp_path: Path, capsys: pytest.CaptureFixture) -> 
     assert sorted(read_seed_sweeps(out)) == [3, 5]
     assert json.loads((out / "seed5" / "dora-r2" / "run.json").read_text())["train"]["seed"] == 5
     assert "DoRA† r=2 − LoRA r=4" in capsys.readouterr().out
+
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_shipped_paper_claims_config_parses() -> None:
+    """examples/paper_claims_sweep.yaml: every key is a sweep flag and its values parse."""
+    from dorakit.commands.parser import parse_args
+
+    args = parse_args(["sweep", "--config", str(ROOT / "examples" / "paper_claims_sweep.yaml"), "--model", "m",
+                       "--data", "d", "--eval-data", "e", "--output-dir", "o"])
+    assert (args.methods, args.ranks, args.seeds, args.alpha_per_rank) == (["lora", "dora"], [2, 4, 8],
+                                                                           [0, 1, 2, 3, 4], 2.0)
+    assert (args.task, args.max_steps, args.lr, args.device) == ("classify", 60, 2e-3, "cpu")
+
+
+def test_paper_claims_report_runs_on_recorded_deltas(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """examples/paper_claims_report.py over synthetic runs: one table row per (setting, view), the sweep summary."""
+    import runpy
+
+    from dorakit.analysis import DeltaRecord, write_json
+
+    for folder, label in (("full", "ft"), ("lora", "lora"), ("dora", "dora")):
+        records = [DeltaRecord(f"encoder.layer.{layer}.attention.self.{kind}", layer, kind,
+                               step * (1 + 0.1 * layer + 0.01 * (kind == "key")), step * (2 - 0.1 * layer), step,
+                               label) for step in (10, 20, 30, 40) for layer in range(3) for kind in ("query", "key")]
+        (tmp_path / "dd" / f"base-{folder}").mkdir(parents=True)
+        write_json(records, tmp_path / "dd" / f"base-{folder}" / "deltas.json")
+    for seed, rows in _by_seed(0.5, seeds=2).items():
+        (tmp_path / "sweep" / f"seed{seed}").mkdir(parents=True)
+        (tmp_path / "sweep" / f"seed{seed}" / "sweep.json").write_text(json.dumps(rows))
+    module = runpy.run_path(str(ROOT / "examples" / "paper_claims_report.py"))
+    assert module["main"]([str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("| base:") == 6 and "DoRA† r=2 − LoRA r=4" in out

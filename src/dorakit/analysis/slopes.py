@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections.abc import Sequence
 from typing import Literal
 
@@ -40,16 +41,23 @@ def select_steps(records: Sequence[DeltaRecord], k: int) -> list[DeltaRecord]:
     return [r for r in records if r.step in keep]
 
 
+def _role(name: str) -> str:
+    """A module's name with its block indices blanked: the same weight in every layer shares it
+    (``attention.output.dense`` and ``output.dense`` stay apart, unlike their module type)."""
+    return re.sub(r"\.\d+(?=\.|$)", ".#", name)
+
+
 def normalize(records: Sequence[DeltaRecord], by: Normalize) -> list[DeltaRecord]:
     """ΔM and ΔD divided by their mean within each group: per module over steps (``"layer"``), or per
-    step over modules (``"step"``); groups are also split by method. ``"none"`` returns them as they are."""
+    step over the layers of each module role (``"step"``); groups are also split by method.
+    ``"none"`` returns them as they are."""
     if by not in NORMALIZE:
         raise ValueError(f"normalize must be one of {NORMALIZE}, got {by!r}.")
     if by == "none":
         return list(records)
 
     def key(r: DeltaRecord) -> tuple[object, ...]:
-        return (r.method, r.name) if by == "layer" else (r.method, r.module_type, r.step)
+        return (r.method, r.name) if by == "layer" else (r.method, _role(r.name), r.step)
 
     sums: dict[tuple[object, ...], list[float]] = {}
     for r in records:
