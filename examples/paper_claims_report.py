@@ -18,7 +18,7 @@ from dorakit.commands.sweep_seeds import read_seed_sweeps, write_seed_summary
 
 METHODS = {"full": "ft", "lora": "lora", "dora": "dora"}
 SETTINGS = {"base": "lr 1e-4 (FT) / 2e-3, 120 steps, all linear", "lowlr": "lr 2e-5 / 5e-4, 120 steps",
-            "qv": "adapters on query + value only, 120 steps", "long": "lr 1e-4 / 2e-3, 240 steps"}
+            "qv": "adapters on query + value only, 120 steps", "long": "lr 1e-4 / 2e-3, 200 steps"}
 VIEWS = [("pooled, all steps", "pooled", "none", 0, True), ("pooled, 4 ckpts (paper)", "pooled", "none", 4, True),
          ("pooled, 4 ckpts, per-layer norm.", "pooled", "layer", 4, True),
          ("pooled, 4 ckpts, per-step norm.", "pooled", "step", 4, True),
@@ -66,7 +66,7 @@ def figures(runs: Path, figs: Path) -> None:
         plot_deltas(select_steps(records, 4), figs / f"paper-claims-{setting}.png", dpi=60,
                     title=f"query, 4 checkpoints, {SETTINGS[setting]}")
         plot_deltas(normalize(select_steps(records, 4), "step"), figs / f"paper-claims-{setting}-stepnorm.png",
-                    dpi=60, title=f"as left, ΔM and ΔD divided by their mean over layers at each step")
+                    dpi=60, title=f"query, 4 checkpoints, {SETTINGS[setting]}; ΔM, ΔD ÷ their mean over layers per step")
 
 
 def main(argv: list[str]) -> int:
