@@ -121,10 +121,17 @@ def _run_merge(args: argparse.Namespace) -> int:
 def _run_analyze(args: argparse.Namespace) -> int:
     from .report import analyze_runs
 
-    fits = analyze_runs(args.runs, args.output_dir, module_type=args.module_type)
+    fits = analyze_runs(args.runs, args.output_dir, module_type=args.module_type, view=args.view,
+                        normalize=args.normalize, checkpoints=args.checkpoints, n_boot=args.bootstrap)
     for method, fit in fits.items():
-        print(f"{method}: slope {fit['slope']:+.4g}, Pearson r {fit['r']:+.3f} over {fit['n']} points")
-    print(f"wrote {args.output_dir}/deltas.png, deltas.csv, fits.json")
+        ci = f" [95% CI {fit['low']:+.4g}, {fit['high']:+.4g}]" if "low" in fit else ""
+        print(f"{method}: slope {fit['slope']:+.4g}{ci}, Pearson r {fit['r']:+.3f} over {fit['n']} points")
+    if args.view == "per-checkpoint":
+        for row in json.loads((Path(args.output_dir) / "checkpoint_fits.json").read_text()):
+            ci = f" [{row['low']:+.4g}, {row['high']:+.4g}]" if "low" in row else ""
+            print(f"{row['method']} step {row['step']}: slope {row['slope']:+.4g}{ci} over {row['n']} layers")
+    extra = ", checkpoint_fits.json" if args.view == "per-checkpoint" else ""
+    print(f"wrote {args.output_dir}/deltas.png, deltas.csv, fits.json{extra}")
     return 0
 
 
@@ -135,12 +142,15 @@ def _run_sweep(args: argparse.Namespace) -> int:
     if out.exists() and any(out.iterdir()) and not args.resume:
         raise FileExistsError(f"{out} exists and is not empty; choose a new --output-dir (nothing is overwritten).")
     try:
-        rows = sweep(_finetune_args(args), args.methods, args.ranks, out, args.alpha_per_rank)
+        rows = sweep(_finetune_args(args), args.methods, args.ranks, out, args.alpha_per_rank, args.seeds)
     except KeyboardInterrupt as e:
         print(f"interrupted: {e}", file=sys.stderr)
         return EXIT_INTERRUPTED
     from .report import markdown_table
 
+    if args.seeds:
+        print((out / "sweep_seeds.md").read_text(), end="")
+        return 0
     print(markdown_table(rows, [("method", "method"), ("rank", "rank"), ("accuracy", "accuracy %"),
                                 ("percent", "trainable %")]))
     return 0

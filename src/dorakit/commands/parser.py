@@ -247,6 +247,9 @@ def _sweep_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--ranks", nargs="+", type=_integer(1, 8), default=[4, 8, 16, 32, 64], help="ranks to run")
     g.add_argument("--alpha-per-rank", type=_number(0, "2", above=True), default=2.0,
                    help="each run's alpha is this × its rank (replaces --alpha)")
+    g.add_argument("--seeds", nargs="+", type=_integer(0, 0), default=[],
+                   help="run the whole sweep once per seed into <output-dir>/seed<S> (replaces --seed) and write "
+                   "sweep_seeds.md/.json/.png: mean ± 95%% interval per rank, DoRA − LoRA paired by seed")
 
 
 def _params_parser(sub: argparse._SubParsersAction) -> None:
@@ -321,6 +324,18 @@ def _analyze_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output-dir", required=True, help="where deltas.png, deltas.csv and fits.json go")
     p.add_argument("--module-type", default=None, help="only this module type, e.g. q_proj or query (the "
                    "paper plots the query projection)")
+    g = p.add_argument_group("slopes", "the ΔD–ΔM slope: pooled over layers and steps (the paper's Fig. 2), or "
+                             "per checkpoint over the layers; bootstrap 95% intervals")
+    g.add_argument("--view", choices=("pooled", "per-checkpoint"), default="pooled",
+                   help="pooled: one slope per method over every layer and step; per-checkpoint: also one "
+                   "slope per recorded step over the layers (checkpoint_fits.json)")
+    g.add_argument("--normalize", choices=("none", "layer", "step"), default="none",
+                   help="divide ΔM and ΔD by their mean per module over steps (layer) or per step over "
+                   "modules (step: removes the growth common to all layers) before fitting")
+    g.add_argument("--checkpoints", type=_integer(0, 4), default=0,
+                   help="keep this many evenly spaced recorded steps (0: all; the paper shows 4)")
+    g.add_argument("--bootstrap", type=_integer(0, 1000), default=1000,
+                   help="bootstrap resamples for the slopes' 95%% intervals (0: no intervals)")
 
 
 def _unit_interval(text: str) -> float:

@@ -8,6 +8,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from ..analysis import DeltaRecord, fit_line, plot_deltas, read_json, write_csv, write_json
+from ..analysis.slopes import normalize as normalize_records
+from ..analysis.slopes import select_steps, slope_table
 from ..formats.io import atomic_write_bytes
 
 
@@ -30,12 +32,18 @@ def method_fits(records: Sequence[DeltaRecord]) -> dict[str, dict[str, float]]:
     return fits
 
 
-def analyze_runs(runs: Sequence[str | Path], output_dir: str | Path, *,
-                 module_type: str | None = None) -> dict[str, dict[str, float]]:
+def analyze_runs(runs: Sequence[str | Path], output_dir: str | Path, *, module_type: str | None = None,
+                 view: str = "pooled", normalize: str = "none", checkpoints: int = 0,
+                 n_boot: int = 1000) -> dict[str, dict[str, float]]:
     """Read each run's deltas.json; write deltas.csv, deltas.json, fits.json and deltas.png to ``output_dir``.
 
+    ``checkpoints`` keeps that many evenly spaced recorded steps (0: all; the paper shows 4) and
+    ``normalize`` ("none", "layer", "step") rescales ΔM / ΔD before fitting and plotting (see
+    dorakit.analysis.slopes). fits.json holds the pooled fit per method (slope, intercept, Pearson r,
+    n and, with ``n_boot`` > 0, the cluster-bootstrap 95% interval low / high); with ``view``
+    "per-checkpoint" checkpoint_fits.json also holds one slope per (method, step) over the layers.
     The PNG needs matplotlib (``pip install 'dorakit[plot]'``); without it the numbers are still
-    written and a warning says so. Returns the per-method fits.
+    written and a warning says so. Returns the pooled per-method fits.
     """
     records = [r for run in runs for r in read_json(_deltas_file(run))]
     if module_type is not None:
@@ -43,12 +51,18 @@ def analyze_runs(runs: Sequence[str | Path], output_dir: str | Path, *,
         if not records:
             raise ValueError(f"no records of module type {module_type!r}; pick one the runs adapted "
                              "(e.g. q_proj for LLaMA, query for BERT).")
+    records = normalize_records(select_steps(records, checkpoints), normalize)  # type: ignore[arg-type]
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_csv(records, out / "deltas.csv")
     write_json(records, out / "deltas.json")
     fits = method_fits(records)
+    for row in slope_table(records, "pooled", n_boot=n_boot):
+        fits[str(row["method"])].update({k: v for k, v in row.items() if k in ("low", "high", "level")})
     atomic_write_bytes(out / "fits.json", json.dumps(fits, indent=2).encode())
+    if view == "per-checkpoint":
+        table = slope_table(records, "per-checkpoint", n_boot=n_boot)
+        atomic_write_bytes(out / "checkpoint_fits.json", json.dumps(table, indent=2).encode())
     try:
         plot_deltas(records, out / "deltas.png", module_type=None)
     except ImportError as e:

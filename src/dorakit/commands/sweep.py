@@ -73,9 +73,13 @@ def count_for(model: str, method: str, cfg: AdapterConfig | None) -> dict[str, f
 
 
 def sweep(finetune_args: object, methods: Sequence[str], ranks: Sequence[int], output_dir: str | Path,
-          alpha_per_rank: float = 2.0) -> list[dict[str, object]]:
+          alpha_per_rank: float = 2.0, seeds: Sequence[int] = ()) -> list[dict[str, object]]:
     """Fine-tune once per (method, rank) with alpha = alpha_per_rank · rank; write sweep.md, sweep.csv,
-    sweep.json and, with matplotlib, sweep.png (accuracy vs rank, one line per method)."""
+    sweep.json and, with matplotlib, sweep.png (accuracy vs rank, one line per method).
+
+    With ``seeds``, the whole sweep runs once per seed into ``<output_dir>/seed<S>`` and
+    sweep_seeds.md / .json / .png summarise them (mean ± 95% interval, DoRA − LoRA paired by seed);
+    the rows of every seed are returned, each with its ``seed``."""
     from ..training.recipes import FinetuneArgs, finetune
 
     if not isinstance(finetune_args, FinetuneArgs):
@@ -83,6 +87,17 @@ def sweep(finetune_args: object, methods: Sequence[str], ranks: Sequence[int], o
     if not finetune_args.eval_data:
         raise ValueError("a sweep compares accuracy: pass --eval-data.")
     out = Path(output_dir)
+    if seeds:
+        from .sweep_seeds import read_seed_sweeps, write_seed_summary
+
+        every = []
+        for seed in seeds:
+            train = dataclasses.replace(finetune_args.train, seed=seed)
+            rows = sweep(dataclasses.replace(finetune_args, train=train), methods, ranks, out / f"seed{seed}",
+                         alpha_per_rank)
+            every += [{**row, "seed": seed} for row in rows]
+        write_seed_summary(out, {s: r for s, r in read_seed_sweeps(out).items() if s in seeds})
+        return every
     rows: list[dict[str, object]] = []
     for method in methods:
         for rank in ranks:
