@@ -9,6 +9,8 @@ N times the tokens per step.
     python benchmarks/bench_distributed.py --preset llama-1b --nprocs 1 2 --strategies none ddp fsdp
     python benchmarks/bench_distributed.py --preset tiny --device cpu --nprocs 1 2 --strategies ddp fsdp
     python benchmarks/bench_distributed.py --load-in-4bit --nprocs 1 2 --strategies none fsdp   # QDoRA
+    python benchmarks/bench_distributed.py --load-in-4bit --preset llama-8b --nprocs 1 2 --strategies fsdp \
+        --same-global-batch                                       # issue 27: QDoRA 8B, 1 vs 2 GPUs
 
 ``--load-in-4bit`` runs each command with ``dorakit finetune --load-in-4bit`` (NF4 base, QLoRA /
 QDoRA). Several processes shard the NF4 base with ``--strategy fsdp``; ``--strategy ddp`` with a
@@ -33,6 +35,8 @@ import torch
 PRESETS = {  # hidden, intermediate, layers, heads, kv heads, per-process batch, tokens per example
     "tiny": (64, 128, 2, 4, 2, 2, 64),
     "llama-1b": (2048, 5632, 22, 32, 4, 4, 1024),
+    "llama-8b-4l": (4096, 14336, 4, 32, 8, 1, 2048),    # LLaMA-3-8B layers, 4 of them
+    "llama-8b": (4096, 14336, 32, 32, 8, 1, 2048),      # LLaMA-3-8B-shaped (saved in bf16: ~16 GB on disk)
 }
 VOCAB = 32000
 
@@ -56,7 +60,12 @@ def build(preset: str, root: Path) -> tuple[Path, Path]:
                                    num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv,
                                    bos_token_id=0, eos_token_id=1)
     torch.manual_seed(0)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(model_dir)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16 if hidden >= 4096 else previous)  # an 8B model in fp32 is 32 GB
+    try:
+        transformers.LlamaForCausalLM(cfg).save_pretrained(model_dir)
+    finally:
+        torch.set_default_dtype(previous)
     rng = random.Random(0)
     records = [{"instruction": " ".join(rng.choices(words, k=length - 60)), "input": "",
                 "output": " ".join(rng.choices(words, k=20)), "answer": "x"} for _ in range(64)]
@@ -67,11 +76,12 @@ def build(preset: str, root: Path) -> tuple[Path, Path]:
 
 def run(model: Path, data: Path, out: Path, nproc: int, strategy: str, args: argparse.Namespace) -> dict:
     batch, length = PRESETS[args.preset][5:]
+    accum = max(args.nprocs) // nproc if args.same_global_batch else 1
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            "-m", "dorakit", "finetune", "--model", str(model), "--data", str(data), "--output-dir", str(out),
            "--method", args.method, "--rank", str(args.rank), "--alpha", str(2 * args.rank), "--max-steps",
            str(args.steps), "--batch-size", str(batch), "--max-len", str(length), "--precision", args.precision,
-           "--device", args.device, "--strategy", strategy, "--train-on-inputs"]
+           "--device", args.device, "--strategy", strategy, "--train-on-inputs", "--grad-accum", str(accum)]
     if args.load_in_4bit:
         cmd.append("--load-in-4bit")
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env={**os.environ, "OMP_NUM_THREADS": "4"})
@@ -101,13 +111,20 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--workdir", default=None)
     p.add_argument("--load-in-4bit", action="store_true", help="NF4 base (QLoRA / QDoRA), as finetune's flag")
+    p.add_argument("--same-global-batch", action="store_true",
+                   help="N processes run --grad-accum max(nprocs)/N, so every row trains the same global batch "
+                        "(and the same losses, to rounding)")
     args = p.parse_args()
+    if args.same_global_batch and any(max(args.nprocs) % n for n in args.nprocs):
+        p.error(f"--same-global-batch needs every --nprocs to divide the largest, got {args.nprocs}")
     root = Path(args.workdir or tempfile.mkdtemp(prefix="dorakit-bench-"))
     model, data = build(args.preset, root)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else "CPU"
     base = "NF4 base (--load-in-4bit)" if args.load_in_4bit else "dense base"
     print(f"{args.preset}, {args.method} r{args.rank}, {base}, {args.precision}, per-process batch "
-          f"{PRESETS[args.preset][5]} × {PRESETS[args.preset][6]} tokens, {device}, torch {torch.__version__}")
+          f"{PRESETS[args.preset][5]} × {PRESETS[args.preset][6]} tokens"
+          + (f", global batch {max(args.nprocs) * PRESETS[args.preset][5]} in every row" if args.same_global_batch
+             else "") + f", {device}, torch {torch.__version__}")
     print("| processes | strategy | step ms | tokens/s | peak GiB per process | final loss |")
     print("|---|---|---|---|---|---|")
     for nproc in args.nprocs:
