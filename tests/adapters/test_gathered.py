@@ -12,11 +12,12 @@ import importlib.util
 
 import pytest
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 import dorakit as dk
 from dorakit.adapters import gathered
 from dorakit.adapters.gathered import GatherPath
+from fixtures_multi import MLP, perturb_adapters
 
 F64 = torch.float64
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -32,40 +33,14 @@ CONFIGS = {
 ROWS = ["dora2", None, "default", "mag", "lora", "dora2"]
 
 
-class MLP(nn.Module):
-    """Three Linear layers (bias on two, non-square) that the configs target differently."""
-
-    def __init__(self, dtype: torch.dtype) -> None:
-        super().__init__()
-        self.up = nn.Linear(24, 40, dtype=dtype)
-        self.gate = nn.Linear(40, 40, bias=False, dtype=dtype)
-        self.down = nn.Linear(40, 20, dtype=dtype)
-
-    def forward(self, x: Tensor) -> Tensor:  # (B, T, 24) -> (B, T, 20)
-        return self.down(torch.tanh(self.gate(torch.relu(self.up(x)))))
-
-
-def perturb(model: nn.Module, seed: int = 0) -> None:
-    """Nonzero B and a perturbed magnitude for every adapter, so no adapter is the identity."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, layer in dk.adapter_layers(model):
-            for name in layer.hosted_names():
-                with layer.bound(name):
-                    if layer.lora_B is not None:
-                        layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen, dtype=F64) * 0.3)
-                    if getattr(layer, "magnitude", None) is not None:
-                        layer.magnitude.mul_(torch.rand(layer.magnitude.shape, generator=gen, dtype=F64) + .5)
-
-
 def build(dtype: torch.dtype = F64) -> tuple[nn.Module, nn.Module]:
     torch.manual_seed(0)
-    base = MLP(dtype).eval()
+    base = MLP(24, 40, 20, dtype).eval()
     model = copy.deepcopy(base)
     dk.apply_adapters(model, CONFIGS["default"])
     for name in ("lora", "mag", "dora2"):
         dk.add_adapter(model, CONFIGS[name], name=name)
-    perturb(model)
+    perturb_adapters(model, b_scale=0.3)
     return base, model.eval()
 
 
@@ -124,7 +99,7 @@ def test_paths_taken_and_reference_agrees(monkeypatch: pytest.MonkeyPatch) -> No
 
 def test_dvora_rows_equal_alone() -> None:
     torch.manual_seed(1)
-    base = MLP(F64).eval()
+    base = MLP(24, 40, 20, F64).eval()
     model = copy.deepcopy(base)
     dk.apply_adapters(model, dk.AdapterConfig(method="dvora", rank=4, targets=["up", "down"]))
     with torch.no_grad():

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 import dorakit as dk
+from fixtures_multi import MLP, perturb_adapters
 
 CONFIGS = {
     "default": dk.AdapterConfig(method="dora", rank=4, alpha=8, targets=["up", "down"]),
@@ -16,32 +17,6 @@ CONFIGS = {
     "mag": dk.AdapterConfig(method="dora", rank=2, alpha=2, targets=["gate"], magnitude_only=["down"]),
     "dora2": dk.AdapterConfig(method="dora", rank=5, alpha=3, targets=["up", "gate", "down"]),
 }
-
-
-class MLP(nn.Module):
-    """A float64 block whose three Linear layers (with bias, non-square) the configs target differently."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.up = nn.Linear(6, 10, dtype=torch.float64)
-        self.gate = nn.Linear(10, 10, bias=False, dtype=torch.float64)
-        self.down = nn.Linear(10, 5, dtype=torch.float64)
-
-    def forward(self, x: Tensor) -> Tensor:  # (B, T, 6) -> (B, T, 5)
-        return self.down(torch.tanh(self.gate(torch.relu(self.up(x)))))
-
-
-def perturb_all(model: nn.Module, seed: int = 0) -> None:
-    """Nonzero B and a perturbed magnitude for every adapter of every module (bound in turn)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, layer in dk.adapter_layers(model):
-            for name in layer.hosted_names():
-                with layer.bound(name):
-                    if layer.lora_B is not None:
-                        layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen, dtype=torch.float64))
-                    if getattr(layer, "magnitude", None) is not None:
-                        layer.magnitude.mul_(torch.rand(layer.magnitude.shape, generator=gen, dtype=torch.float64) + .5)
 
 
 def alone(base: nn.Module, multi: nn.Module, name: str) -> nn.Module:
@@ -67,7 +42,7 @@ def setup() -> tuple[nn.Module, nn.Module, Tensor]:
     dk.apply_adapters(model, CONFIGS["default"])
     for name in ("lora", "mag", "dora2"):
         dk.add_adapter(model, CONFIGS[name], name=name)
-    perturb_all(model)
+    perturb_adapters(model)
     return base, model, torch.randn(5, 3, 6, dtype=torch.float64)
 
 

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 import dorakit as dk
+from fixtures_multi import MLP, perturb_adapters
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*exceeds min\\(out, in\\)")  # "cat" sums ranks on tiny layers
 F64 = torch.float64
@@ -21,31 +22,6 @@ DORA = {
 }
 
 
-class MLP(nn.Module):
-    """A float64 block of three Linear layers (bias, non-square) that the configs target differently."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.up = nn.Linear(6, 10, dtype=F64)
-        self.gate = nn.Linear(10, 10, bias=False, dtype=F64)
-        self.down = nn.Linear(10, 5, dtype=F64)
-
-    def forward(self, x: Tensor) -> Tensor:  # (B, T, 6) -> (B, T, 5)
-        return self.down(torch.tanh(self.gate(torch.relu(self.up(x)))))
-
-
-def _perturb(model: nn.Module, seed: int = 0) -> None:
-    """Nonzero B and a perturbed magnitude for every adapter of every module."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, layer in dk.adapter_layers(model):
-            for name in layer.hosted_names():
-                with layer.bound(name):
-                    layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen, dtype=F64))
-                    if getattr(layer, "magnitude", None) is not None:
-                        layer.magnitude.mul_(torch.rand(layer.magnitude.shape, generator=gen, dtype=F64) + .5)
-
-
 @pytest.fixture
 def model() -> nn.Module:
     torch.manual_seed(0)
@@ -53,7 +29,7 @@ def model() -> nn.Module:
     dk.apply_adapters(m, DORA["default"])
     for name in ("b", "c"):
         dk.add_adapter(m, DORA[name], name=name)
-    _perturb(m)
+    perturb_adapters(m)
     return m
 
 
@@ -240,7 +216,7 @@ def llama() -> nn.Module:
     model = transformers.LlamaForCausalLM(cfg).to(F64).eval()
     dk.apply_adapters(model, dk.AdapterConfig(method="dora", rank=4, alpha=8, targets=["q_proj", "v_proj", "up_proj"]))
     dk.add_adapter(model, dk.AdapterConfig(method="lora", rank=2, alpha=4, targets=["o_proj", "down_proj"]), name="lo")
-    _perturb(model, seed=6)
+    perturb_adapters(model, seed=6)
     return model
 
 
