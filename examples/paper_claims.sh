@@ -1,6 +1,6 @@
 #!/bin/bash
 # docs/paper-claims.md in one command:  bash examples/paper_claims.sh OUT_DIR
-# (about 45 min on one core of a busy 2-core CPU; see the page for the measured times).
+# (about 65 min on one core of a busy 2-core CPU; see the page for the measured times).
 # ΔD–ΔM runs (FT / LoRA / DoRA, ΔM / ΔD recorded every 10 or 20 steps), their analyses, the seed sweep, the report.
 set -euo pipefail
 OUT=${1:?usage: bash examples/paper_claims.sh OUT_DIR}

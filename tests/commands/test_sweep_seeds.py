@@ -92,7 +92,7 @@ def test_shipped_paper_claims_config_parses() -> None:
 
     args = parse_args(["sweep", "--config", str(ROOT / "examples" / "paper_claims_sweep.yaml"), "--model", "m",
                        "--data", "d", "--eval-data", "e", "--output-dir", "o"])
-    assert (args.methods, args.ranks, args.seeds, args.alpha_per_rank) == (["lora", "dora"], [2, 4, 8],
+    assert (args.methods, args.ranks, args.seeds, args.alpha_per_rank) == (["lora", "dora"], [2, 4, 8, 16, 32],
                                                                            [0, 1, 2, 3, 4], 2.0)
     assert (args.task, args.max_steps, args.lr, args.device) == ("classify", 60, 2e-3, "cpu")
 
