@@ -8,15 +8,13 @@ keys are exactly the command's flags (``max-steps`` or ``max_steps``) and the co
 from __future__ import annotations
 
 import argparse
-import math
-import re
 import textwrap
-import tomllib
-from collections.abc import Callable, Sequence
-from pathlib import Path
-from typing import Any, NoReturn
+from collections.abc import Sequence
+from typing import NoReturn
 
 from ..training.config import PRECISIONS, SCHEDULES, STRATEGIES, TrainConfig
+from .argtypes import ReportTo, adapter_spec, device, existing_file, integer, number, prompt_file, unit_interval
+from .config_file import config_argv, read_config_file  # noqa: F401  (re-exported: cli imports them from here)
 
 EXIT_USAGE = 2
 DESCRIPTION = """\
@@ -34,62 +32,6 @@ SUMMARIES = {
     "params": "trainable parameters of a config, counted on the meta device (no weights loaded)",
     "generate": "talk to a local causal LM, optionally with adapters: one --prompt, a --chat or a --prompt-file batch",
 }
-
-
-# ---- flag types: each checks its value when the command line is parsed (argparse then exits 2) ------
-
-def _integer(low: int, example: int) -> Callable[[str], int]:
-    """An argparse type: an integer >= ``low``."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or value < low:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}; e.g. {example}")
-        return value
-    parse.__name__ = f"integer >= {low}"
-    return parse
-
-
-def _number(low: float, example: str, above: bool = False, below: float | None = None) -> Callable[[str], float]:
-    """An argparse type: a finite float >= ``low`` (> with ``above``; < ``below`` if given)."""
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            value = math.nan
-        ok = math.isfinite(value) and (value > low if above else value >= low) and (below is None or value < below)
-        if not ok:
-            bounds = f"{'>' if above else '>='} {low:g}" + (f" and < {below:g}" if below is not None else "")
-            raise argparse.ArgumentTypeError(f"must be a finite number {bounds}, got {text!r}; e.g. {example}")
-        return value
-    parse.__name__ = "number"
-    return parse
-
-
-def _device(text: str) -> str:
-    """An argparse type: "auto" or a torch device this machine has (torch is imported only here)."""
-    from ..training.distributed import DistributedError, check_device
-
-    try:
-        return check_device(text)
-    except DistributedError as e:
-        raise argparse.ArgumentTypeError(str(e).removeprefix("--device ")) from None
-
-
-class _ReportTo(argparse.Action):
-    """--report-to: comma- or space-separated tracker names, each checked (known, library installed)."""
-
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
-                 option_string: str | None = None) -> None:
-        from ..training.trackers import TrackerError, check_report_to
-
-        names = [n for v in ([values] if isinstance(values, str) else values) for n in v.split(",") if n]
-        try:
-            setattr(namespace, self.dest, check_report_to(names))
-        except TrackerError as e:
-            raise argparse.ArgumentError(self, str(e).removeprefix(f"{self.option_strings[0]} ")) from None
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -120,8 +62,8 @@ def _adapter_flags(g: argparse._ActionsContainer) -> None:
     """What to adapt and how: shared by finetune, sweep and params."""
     g.add_argument("--method", default="dora", choices=["lora", "dora", "vera", "dvora", "full"],
                    help="adapter method; full: ordinary fine-tuning of every weight")
-    g.add_argument("--rank", type=_integer(1, 8), default=8, help="rank r of the low-rank update BA")
-    g.add_argument("--alpha", type=_number(0, "16", above=True), default=16.0,
+    g.add_argument("--rank", type=integer(1, 8), default=8, help="rank r of the low-rank update BA")
+    g.add_argument("--alpha", type=number(0, "16", above=True), default=16.0,
                    help="scaling numerator: the update is (alpha / rank) BA (alpha / sqrt(rank) with --use-rslora)")
     g.add_argument("--targets", nargs="+", default=["all-linear"],
                    help="modules to adapt: names, globs, re:REGEX, or all-linear (every linear layer but the output / classifier heads)")
@@ -138,7 +80,7 @@ def _finetune_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--data", required=True, help="training data: .json list, .jsonl, or a datasets directory "
                    "(LLM-Adapters {instruction, input, output}; chat {messages}, {prompt, completion} or {text}; "
                    "classification {text, label})")
-    g.add_argument("--max-len", type=_integer(1, 256), default=256, help="token cut-off per example (with --pack: "
+    g.add_argument("--max-len", type=integer(1, 256), default=256, help="token cut-off per example (with --pack: "
                    "per packed row)")
     g.add_argument("--train-on-inputs", action=argparse.BooleanOptionalAction, default=False,
                    help="also train on the prompt's tokens (chat: every turn), not only on the answer's")
@@ -149,10 +91,10 @@ def _finetune_flags(p: argparse.ArgumentParser) -> None:
                    help="pack short examples into rows of up to --max-len tokens, attention isolated per example "
                    "(--batch-size then counts rows)")
     g.add_argument("--eval-data", default=None, help="evaluation data, scored every --eval-every steps and at the end")
-    g.add_argument("--eval-limit", type=_integer(1, 200), default=200, help="evaluate on the first N records")
+    g.add_argument("--eval-limit", type=integer(1, 200), default=200, help="evaluate on the first N records")
     g = p.add_argument_group("adapter")
     _adapter_flags(g)
-    g.add_argument("--dropout", type=_number(0, "0.05", below=1), default=0.0, help="dropout on the adapter's input")
+    g.add_argument("--dropout", type=number(0, "0.05", below=1), default=0.0, help="dropout on the adapter's input")
     g.add_argument("--use-rslora", action=argparse.BooleanOptionalAction, default=False,
                    help="rank-stabilised scaling alpha / sqrt(rank)")
     g.add_argument("--norm-grad", default="detach", choices=["detach", "exact"],
@@ -170,28 +112,28 @@ def _optimisation_flags(p: argparse.ArgumentParser) -> None:
     d = TrainConfig()
     g = p.add_argument_group("optimisation", "AdamW with warmup, then the --schedule; a run takes --max-steps\n"
                              "optimizer steps (100 unless given), or --epochs passes over the data if set.")
-    g.add_argument("--max-steps", type=_integer(1, 100), default=d.max_steps,
+    g.add_argument("--max-steps", type=integer(1, 100), default=d.max_steps,
                    help="optimizer steps in total (each of --grad-accum micro-batches); --epochs > 0 replaces it")
-    g.add_argument("--epochs", type=_number(0, "3"), default=0.0,
+    g.add_argument("--epochs", type=number(0, "3"), default=0.0,
                    help="if > 0, train this many passes over the data (sets --max-steps from the data size)")
-    g.add_argument("--batch-size", type=_integer(1, 4), default=4, help="examples per micro-batch")
-    g.add_argument("--grad-accum", type=_integer(1, 4), default=d.grad_accum, help="micro-batches per optimizer step")
-    g.add_argument("--lr", type=_number(0, "2e-4", above=True), default=d.lr, help="peak learning rate of AdamW")
-    g.add_argument("--weight-decay", type=_number(0, "0.01"), default=d.weight_decay,
+    g.add_argument("--batch-size", type=integer(1, 4), default=4, help="examples per micro-batch")
+    g.add_argument("--grad-accum", type=integer(1, 4), default=d.grad_accum, help="micro-batches per optimizer step")
+    g.add_argument("--lr", type=number(0, "2e-4", above=True), default=d.lr, help="peak learning rate of AdamW")
+    g.add_argument("--weight-decay", type=number(0, "0.01"), default=d.weight_decay,
                    help="AdamW's decoupled weight decay")
-    g.add_argument("--warmup-steps", type=_integer(0, 100), default=d.warmup_steps,
+    g.add_argument("--warmup-steps", type=integer(0, 100), default=d.warmup_steps,
                    help="linear warmup from 0 to --lr over this many steps")
     g.add_argument("--schedule", default=d.schedule, choices=SCHEDULES,
                    help="after warmup: linear or cosine decay to 0, or constant")
-    g.add_argument("--max-grad-norm", type=_number(0, "1.0"), default=d.max_grad_norm,
+    g.add_argument("--max-grad-norm", type=number(0, "1.0"), default=d.max_grad_norm,
                    help="clip the gradient norm to this (0: no clipping)")
-    g.add_argument("--seed", type=_integer(0, 0), default=d.seed, help="seeds torch, Python's random and the data order")
+    g.add_argument("--seed", type=integer(0, 0), default=d.seed, help="seeds torch, Python's random and the data order")
 
 
 def _speed_flags(p: argparse.ArgumentParser) -> None:
     d = TrainConfig()
     g = p.add_argument_group("precision / speed")
-    g.add_argument("--device", type=_device, default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    g.add_argument("--device", type=device, default="auto", help="auto, cpu, cuda, cuda:N or mps")
     g.add_argument("--precision", default=d.precision, choices=PRECISIONS,
                    help="fp32, or autocast to bf16 / fp16 (fp16 with a gradient scaler; GPU only)")
     g.add_argument("--load-in-4bit", action=argparse.BooleanOptionalAction, default=False,
@@ -214,17 +156,17 @@ def _run_dir_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--output-dir", required=True,
                    help="run directory: run.json, metrics.jsonl, checkpoints/, final/ (the adapter or model)")
     g.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its last checkpoint")
-    g.add_argument("--log-every", type=_integer(1, 10), default=d.log_every,
+    g.add_argument("--log-every", type=integer(1, 10), default=d.log_every,
                    help="write a metrics line every N steps")
-    g.add_argument("--eval-every", type=_integer(0, 200), default=d.eval_every,
+    g.add_argument("--eval-every", type=integer(0, 200), default=d.eval_every,
                    help="evaluate --eval-data every N steps (0: only at the end)")
-    g.add_argument("--save-every", type=_integer(0, 200), default=d.save_every,
+    g.add_argument("--save-every", type=integer(0, 200), default=d.save_every,
                    help="write a checkpoint every N steps (0: only at the end and on Ctrl-C)")
-    g.add_argument("--keep-checkpoints", type=_integer(1, 2), default=d.keep_checkpoints,
+    g.add_argument("--keep-checkpoints", type=integer(1, 2), default=d.keep_checkpoints,
                    help="keep the newest N checkpoints, delete older ones (the one `latest` names is always kept)")
-    g.add_argument("--record-deltas", type=_integer(0, 10), default=0,
+    g.add_argument("--record-deltas", type=integer(0, 10), default=0,
                    help="record the paper's ΔM / ΔD every N steps into <output-dir>/deltas.json (0: off)")
-    g.add_argument("--report-to", nargs="+", action=_ReportTo, default="jsonl", metavar="TRACKER",
+    g.add_argument("--report-to", nargs="+", action=ReportTo, default="jsonl", metavar="TRACKER",
                    help="where metrics go, comma-separated: jsonl (<output-dir>/metrics.jsonl, always written), "
                    "tensorboard (<output-dir>/tensorboard), wandb (<output-dir>/wandb; WANDB_MODE etc. apply)")
 
@@ -244,10 +186,10 @@ def _sweep_parser(sub: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("sweep")
     g.add_argument("--methods", nargs="+", default=["lora", "dora"], choices=["lora", "dora", "vera", "dvora"],
                    help="methods to compare")
-    g.add_argument("--ranks", nargs="+", type=_integer(1, 8), default=[4, 8, 16, 32, 64], help="ranks to run")
-    g.add_argument("--alpha-per-rank", type=_number(0, "2", above=True), default=2.0,
+    g.add_argument("--ranks", nargs="+", type=integer(1, 8), default=[4, 8, 16, 32, 64], help="ranks to run")
+    g.add_argument("--alpha-per-rank", type=number(0, "2", above=True), default=2.0,
                    help="each run's alpha is this × its rank (replaces --alpha)")
-    g.add_argument("--seeds", nargs="+", type=_integer(0, 0), default=[],
+    g.add_argument("--seeds", nargs="+", type=integer(0, 0), default=[],
                    help="run the whole sweep once per seed into <output-dir>/seed<S> (replaces --seed) and write "
                    "sweep_seeds.md/.json/.png: mean ± 95%% interval per rank, DoRA − LoRA paired by seed")
 
@@ -261,12 +203,12 @@ def _params_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--memory", action="store_true", help="also estimate the per-GPU memory of a training run")
     g.add_argument("--base", default="bf16", choices=("fp32", "bf16", "int8", "nf4"),
                    help="precision of the frozen base (int8: LLM.int8(), nf4: QLoRA with double quantization)")
-    g.add_argument("--batch-size", type=_integer(1, 1), default=1, help="sequences per micro-batch on one GPU")
-    g.add_argument("--seq-len", type=_integer(1, 512), default=512, help="tokens per sequence")
+    g.add_argument("--batch-size", type=integer(1, 1), default=1, help="sequences per micro-batch on one GPU")
+    g.add_argument("--seq-len", type=integer(1, 512), default=512, help="tokens per sequence")
     g.add_argument("--precision", default="bf16", choices=("fp32", "bf16"), help="activation dtype")
     g.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False,
                    help="keep only each decoder layer's input for backward")
-    g.add_argument("--gpus", type=_integer(1, 1), default=1, help="GPUs FSDP shards the base and optimizer over")
+    g.add_argument("--gpus", type=integer(1, 1), default=1, help="GPUs FSDP shards the base and optimizer over")
 
 
 def _eval_parser(sub: argparse._SubParsersAction) -> None:
@@ -278,12 +220,12 @@ def _eval_parser(sub: argparse._SubParsersAction) -> None:
                    "directory name (boolq, piqa, social_i_qa, hellaswag, winogrande, ARC-Easy, ARC-Challenge, openbookqa)")
     p.add_argument("--method", default="loglik", choices=["loglik", "generate", "both"],
                    help="loglik: the answer with the highest log-likelihood; generate: parse the generated answer")
-    p.add_argument("--limit", type=_integer(0, 100), default=0, help="first N records per task (0: all)")
-    p.add_argument("--batch-size", type=_integer(1, 8), default=8, help="records per forward pass")
-    p.add_argument("--max-new-tokens", type=_integer(1, 32), default=32, help="generation length for --method generate")
-    p.add_argument("--num-beams", type=_integer(1, 4), default=1, help="beam search for --method generate (the DoRA "
+    p.add_argument("--limit", type=integer(0, 100), default=0, help="first N records per task (0: all)")
+    p.add_argument("--batch-size", type=integer(1, 8), default=8, help="records per forward pass")
+    p.add_argument("--max-new-tokens", type=integer(1, 32), default=32, help="generation length for --method generate")
+    p.add_argument("--num-beams", type=integer(1, 4), default=1, help="beam search for --method generate (the DoRA "
                    "repository's commonsense_evaluate.py uses 4; 1 is greedy)")
-    p.add_argument("--device", type=_device, default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--device", type=device, default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--output", default=None, help="also write the results as JSON here")
 
 
@@ -305,13 +247,13 @@ def _demo_parser(sub: argparse._SubParsersAction) -> None:
                    "$XDG_CACHE_HOME/dorakit/demo, or ~/.cache/dorakit/demo)")
     p.add_argument("--methods", nargs="+", default=["full", "lora", "dora"], choices=["full", "lora", "dora"],
                    help="methods to compare")
-    p.add_argument("--max-steps", type=_integer(0, 100), default=0,
+    p.add_argument("--max-steps", type=integer(0, 100), default=0,
                    help="override the demo's step count (0: one epoch)")
-    p.add_argument("--train-size", type=_integer(0, 200), default=0,
+    p.add_argument("--train-size", type=integer(0, 200), default=0,
                    help="override the number of training examples (0: the demo's 960)")
-    p.add_argument("--test-size", type=_integer(0, 200), default=0,
+    p.add_argument("--test-size", type=integer(0, 200), default=0,
                    help="override the number of test examples (0: the demo's 500)")
-    p.add_argument("--seed", type=_integer(0, 0), default=0, help="seeds the split, the init and the data order")
+    p.add_argument("--seed", type=integer(0, 0), default=0, help="seeds the split, the init and the data order")
     p.add_argument("--keep-full-model", action="store_true",
                    help="keep the full fine-tune's checkpoints and model (hundreds of MB; deleted by default)")
 
@@ -332,49 +274,10 @@ def _analyze_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--normalize", choices=("none", "layer", "step"), default="none",
                    help="divide ΔM and ΔD by their mean per module over steps (layer) or per step over "
                    "modules (step: removes the growth common to all layers) before fitting")
-    g.add_argument("--checkpoints", type=_integer(0, 4), default=0,
+    g.add_argument("--checkpoints", type=integer(0, 4), default=0,
                    help="keep this many evenly spaced recorded steps (0: all; the paper shows 4)")
-    g.add_argument("--bootstrap", type=_integer(0, 1000), default=1000,
+    g.add_argument("--bootstrap", type=integer(0, 1000), default=1000,
                    help="bootstrap resamples for the slopes' 95%% intervals (0: no intervals)")
-
-
-def _unit_interval(text: str) -> float:
-    """An argparse type: a number in (0, 1] (--top-p)."""
-    value = _number(0, "0.9", above=True)(text)
-    if value > 1:
-        raise argparse.ArgumentTypeError(f"must be a number > 0 and <= 1, got {text!r}; e.g. 0.9")
-    return value
-
-
-def _existing_file(text: str) -> str:
-    """An argparse type: a file that exists."""
-    if not Path(text).is_file():
-        raise argparse.ArgumentTypeError(f"no such file: {text!r}; pass a Jinja chat template file")
-    return text
-
-
-ADAPTER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,63}")
-"""A valid adapter name (the rule of dorakit.adapters.multi, repeated here so --help loads no torch)."""
-
-
-def _adapter_spec(text: str) -> tuple[str, str]:
-    """An argparse type: --adapter DIR (the adapter named "default") or --adapter NAME=DIR, as (name, dir)."""
-    name, sep, directory = text.partition("=")
-    if not sep:
-        return "default", text
-    if not ADAPTER_NAME.fullmatch(name) or not directory:
-        raise argparse.ArgumentTypeError(
-            f"expected DIR or NAME=DIR with NAME 1-64 letters, digits, '_' or '-' and a directory, got {text!r}; "
-            "e.g. --adapter math=runs/math/final (a directory whose path has '=' in it: default=PATH)")
-    return name, directory
-
-
-def _prompt_file(text: str) -> str:
-    """An argparse type: a JSONL file that exists (its records are checked when it is read)."""
-    if not Path(text).is_file():
-        raise argparse.ArgumentTypeError(f"no such file: {text!r}; pass a JSONL file of {{\"prompt\": ...}} or "
-                                         "{\"messages\": [...]} records, each with an optional \"adapter\"")
-    return text
 
 
 def _generate_parser(sub: argparse._SubParsersAction) -> None:
@@ -386,7 +289,7 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
              "(--adapter NAME=DIR, repeated) onto one base: --use NAME picks the one --prompt / --chat run, and a "
              "--prompt-file JSONL batch names one per record, all generated together in mixed batches.")
     p.add_argument("--model", required=True, help="local transformers causal LM directory")
-    p.add_argument("--adapter", type=_adapter_spec, action="append", default=None, metavar="[NAME=]DIR",
+    p.add_argument("--adapter", type=adapter_spec, action="append", default=None, metavar="[NAME=]DIR",
                    help="adapter directory (PEFT format), e.g. <finetune output>/final; repeat as NAME=DIR to load "
                    "several adapters by name onto one base (a bare DIR is the adapter named default)")
     p.add_argument("--use", default=None, metavar="NAME", help="the adapter --prompt and --chat run, and the one of "
@@ -394,7 +297,7 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
                    "--adapter)")
     p.add_argument("--merge", action="store_true", help="fold the adapter into the base weights before generating "
                    "(one adapter; not with --prompt-file)")
-    p.add_argument("--prompt-file", type=_prompt_file, default=None, metavar="JSONL",
+    p.add_argument("--prompt-file", type=prompt_file, default=None, metavar="JSONL",
                    help="a batch: one JSON record per line, {\"prompt\": TEXT} or {\"messages\": [...]}, with an "
                    "optional \"adapter\": NAME (null: the base model); each record runs its own adapter in one mixed "
                    "batch, and each answer is printed as the record plus \"output\", one JSON line each (instead of "
@@ -403,23 +306,23 @@ def _generate_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--prompt", default=None, help="the text to continue (or the one user message, with a template)")
     g.add_argument("--chat", action="store_true", help="interactive: one message per stdin line; /exit or end of "
                    "input stops")
-    p.add_argument("--chat-template", type=_existing_file, default=None,
+    p.add_argument("--chat-template", type=existing_file, default=None,
                    help="a Jinja chat template file to use instead of the tokenizer's")
     p.add_argument("--plain", action="store_true", help="feed --prompt (and --prompt-file's \"prompt\" records) as "
                    "plain text even if there is a chat template")
-    p.add_argument("--batch-size", type=_integer(1, 8), default=None,
+    p.add_argument("--batch-size", type=integer(1, 8), default=None,
                    help="--prompt-file records per generate() call (default: 8)")
     s = p.add_argument_group("sampling")
-    s.add_argument("--max-new-tokens", type=_integer(1, 128), default=128, help="tokens to generate per answer")
-    s.add_argument("--temperature", type=_number(0, "0.7"), default=0.0,
+    s.add_argument("--max-new-tokens", type=integer(1, 128), default=128, help="tokens to generate per answer")
+    s.add_argument("--temperature", type=number(0, "0.7"), default=0.0,
                    help="sampling temperature; 0: greedy decoding (deterministic)")
-    s.add_argument("--top-p", type=_unit_interval, default=None,
+    s.add_argument("--top-p", type=unit_interval, default=None,
                    help="nucleus sampling: the smallest set of tokens whose probability reaches P (needs "
                    "--temperature > 0; default: off)")
-    s.add_argument("--top-k", type=_integer(1, 50), default=None,
+    s.add_argument("--top-k", type=integer(1, 50), default=None,
                    help="sample among the K most likely tokens (needs --temperature > 0; default: off)")
-    s.add_argument("--seed", type=_integer(0, 0), default=0, help="seeds the sampling")
-    p.add_argument("--device", type=_device, default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    s.add_argument("--seed", type=integer(0, 0), default=0, help="seeds the sampling")
+    p.add_argument("--device", type=device, default="auto", help="auto, cpu, cuda, cuda:N or mps")
 
 
 def _check_generate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -468,62 +371,6 @@ def build_parser() -> argparse.ArgumentParser:
         g.add_argument("--verbose", action="store_true",
                        help="also show transformers' own messages (load reports, progress bars)")
     return parser
-
-
-# ---- config files ----------------------------------------------------------------------------------
-
-def read_config_file(path: str) -> dict[str, Any]:
-    """A YAML (.yaml/.yml) or TOML (.toml) mapping of flag name -> value."""
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(f"--config {path}: no such file.")
-    text = file.read_text()
-    if file.suffix == ".toml":
-        try:
-            data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as e:
-            raise ValueError(f"--config {path}: invalid TOML ({e}).") from None
-    elif file.suffix in (".yaml", ".yml"):
-        import yaml
-
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise ValueError(f"--config {path}: invalid YAML ({e}).") from None
-    else:
-        raise ValueError(f"--config {path}: use a .yaml, .yml or .toml file.")
-    if not isinstance(data, dict):
-        raise ValueError(f"--config {path}: expected a mapping of flag names to values, got {type(data).__name__}.")
-    return data
-
-
-def config_argv(sub: argparse.ArgumentParser, data: dict[str, Any], path: str) -> list[str]:
-    """The config file as command-line flags (placed before the real ones, which therefore win)."""
-    actions = {a.dest: a for a in sub._actions if a.option_strings and a.dest not in ("help", "config")}
-    argv: list[str] = []
-    for key, value in data.items():
-        dest = str(key).replace("-", "_")
-        action = actions.get(dest)
-        if action is None:
-            valid = ", ".join(sorted(d.replace("_", "-") for d in actions))
-            raise ValueError(f"--config {path}: {key!r} is not a flag of this command; valid keys: {valid}.")
-        flag = action.option_strings[0]
-        if value is None:  # YAML `key: null` (or `~`): keep the flag's default
-            continue
-        if isinstance(action, argparse.BooleanOptionalAction) or isinstance(action, argparse._StoreTrueAction):
-            if not isinstance(value, bool):
-                raise ValueError(f"--config {path}: {key!r} must be true or false, got {value!r}.")
-            if value or isinstance(action, argparse.BooleanOptionalAction):
-                argv.append(flag if value else "--no-" + flag[2:])
-        elif isinstance(value, list) and isinstance(action, argparse._AppendAction):  # e.g. adapter: [a=x, b=y]
-            argv += [part for item in value for part in (flag, str(item))]
-        elif isinstance(value, list):
-            argv += [flag, *map(str, value)]
-        elif isinstance(value, dict):
-            raise ValueError(f"--config {path}: {key!r} must be a value or a list, not a mapping.")
-        else:
-            argv += [flag, str(value)]
-    return argv
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
