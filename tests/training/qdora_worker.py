@@ -20,7 +20,7 @@ from torch.distributed.tensor import DTensor, Shard
 import dorakit as dk
 from dorakit.adapters.quant import is_linear4bit
 from dorakit.training.distributed import setup, teardown, wrap
-from dorakit.training.recipes import load_model
+from dorakit.training.models import load_model
 
 
 def qdora(model_dir: str) -> torch.nn.Module:

@@ -81,7 +81,7 @@ def _run_eval(args: argparse.Namespace) -> int:
     from ..training.distributed import single_device
     from ..training.evaluate import evaluate_task, format_table, task_from_path
     from ..formats.dispatch import load_adapter
-    from ..training.recipes import load_model, model_task
+    from ..training.models import load_model, model_task
 
     if model_task(args.model, "auto") != "causal":
         raise ValueError(f"{args.model}: dorakit eval scores causal language models; this one is not.")
@@ -112,7 +112,7 @@ def _run_eval(args: argparse.Namespace) -> int:
 
 
 def _run_merge(args: argparse.Namespace) -> int:
-    from ..training.recipes import merge
+    from ..training.models import merge
 
     print(f"merged model written to {merge(args.model, args.adapter, args.output, args.task)}")
     return 0

@@ -44,7 +44,7 @@ def load_for_generation(model_dir: str, adapter: str | Sequence[tuple[str, str]]
     (name, directory) pairs loaded as named adapters (the first one active); ``merge`` folds the one in."""
     from ..adapters.inject import merge_and_unload
     from ..formats.dispatch import load_adapter
-    from ..training.recipes import load_model, model_task
+    from ..training.models import load_model, model_task
 
     if model_task(model_dir, "auto") != "causal":
         raise RecipeError(f"{model_dir}: dorakit generate needs a causal language model; this one is not.")
