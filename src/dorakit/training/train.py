@@ -13,16 +13,12 @@ import json
 import math
 import os
 import random
-import signal
-import sys
-import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Self
 
 import torch
 from torch import Tensor, nn
@@ -41,7 +37,8 @@ from .data import Batches
 from .distributed import ONE_PROCESS, Dist, all_sum, autocast_needed, barrier, gradient_sync, unwrap
 from .graphs import GraphedMicroStep
 from .trackers import Trackers
-from ..formats.io import atomic_write_bytes
+from .progress import Progress, StopOnInterrupt
+from .run_records import check_identity, logged_records, truncate_metrics
 
 ItemCount = Callable[[Mapping[str, Tensor]], int]
 """How many items a model's loss averages over in a micro-batch (label tokens of a causal LM)."""
@@ -87,98 +84,6 @@ class TrainResult:
 
 # ---- the loop ------------------------------------------------------------------------------------
 
-class Progress:
-    """Step, loss, tokens/s and ETA on stderr: one self-overwriting line on a terminal (at most 4
-    updates/s), else a plain line every 10 s, so logs stay readable."""
-
-    def __init__(self, total: int, enabled: bool = True, label: str = "train") -> None:
-        self.total, self.enabled, self.label = total, enabled, label
-        self.tty = sys.stderr.isatty()
-        self.start, self.last = time.perf_counter(), 0.0
-
-    def update(self, step: int, loss: float, tokens_per_s: float, done_in_run: int) -> None:
-        now = time.perf_counter()
-        if not self.enabled or (now - self.last < (0.25 if self.tty else 10.0) and step < self.total):
-            return
-        self.last = now
-        eta = (now - self.start) / max(1, done_in_run) * (self.total - step)
-        line = (f"{self.label} step {step}/{self.total} loss {loss:.4f} {tokens_per_s:,.0f} tok/s "
-                f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}")
-        sys.stderr.write(f"\r{line}  " if self.tty else line + "\n")
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.enabled and self.tty:
-            sys.stderr.write("\n")
-
-
-class _StopOnInterrupt:
-    """Within the block, Ctrl-C (SIGINT) or SIGTERM (what torchrun and job schedulers send) only sets
-    ``requested``, so the loop stops at the next step boundary with consistent state; a second
-    Ctrl-C interrupts at once (a repeated SIGTERM does not: launchers forward it to every process)."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: dict[int, object] = {}
-
-    def _handle(self, signum: int, frame: object) -> None:
-        if self.requested and signum == signal.SIGINT:  # SIGTERM never aborts: schedulers and torchrun may send it
-            raise KeyboardInterrupt                    # to every process more than once; they kill on their own
-        if not self.requested:
-            sys.stderr.write(f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint "
-                             "(Ctrl-C again aborts)\n")
-        self.requested = True
-
-    def __enter__(self) -> Self:
-        if threading.current_thread() is threading.main_thread():
-            self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, previous in self._previous.items():
-            signal.signal(sig, previous)
-
-
-def _check_identity(out_dir: Path, identity: Mapping[str, object], resume: bool, d: Dist) -> None:
-    """A new run needs a fresh directory; a resumed run needs the same settings as the saved one.
-    Every process checks; rank 0 writes run.json once all have."""
-    run_file = out_dir / "run.json"
-    if not resume:
-        if run_file.exists():
-            raise FileExistsError(f"{out_dir} already holds a run ({run_file.name}); pass --resume to continue it, "
-                                  "or choose another output directory (nothing there is overwritten).")
-        barrier(d)
-        if d.main:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(run_file, json.dumps(identity, indent=2, sort_keys=True, default=str).encode())
-        barrier(d)
-        return
-    if not run_file.is_file():
-        raise FileNotFoundError(f"{out_dir} holds no run to resume (no {run_file.name}); start it without --resume.")
-    saved = _flatten(json.loads(run_file.read_text()))
-    current = _flatten(json.loads(json.dumps(identity, sort_keys=True, default=str)))
-    differ = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
-    if differ:
-        detail = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in differ[:4])
-        hint = (" The global batch is batch size × grad accumulation × processes: with another number of processes, "
-                "change --batch-size or --grad-accum to keep it." if "global_batch" in differ else "")
-        raise ValueError(f"{out_dir} is a different run: {detail}.{hint} Resume with the saved settings, or start a "
-                         "new run in another directory.")
-
-
-def _flatten(record: Mapping[str, object], prefix: str = "") -> dict[str, object]:
-    """Nested settings as one level with dotted keys ("train.lr"), so a mismatch names the setting."""
-    flat: dict[str, object] = {}
-    for key, value in record.items():
-        if isinstance(value, Mapping):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def train(model: nn.Module, batches: Batches, make_batch: Callable[[list[int]], dict[str, Tensor]],
           cfg: TrainConfig, out_dir: str | os.PathLike, *, identity: Mapping[str, object] | None = None,
           evaluate: Callable[[nn.Module], dict[str, float]] | None = None, callbacks: Iterable[Callback] = (),
@@ -221,7 +126,7 @@ def train(model: nn.Module, batches: Batches, make_batch: Callable[[list[int]], 
                                         "grad_accum": None, "cuda_graph": None, "keep_checkpoints": None}}
     sinks = Trackers(trackers, d.main, identity)  # checked before anything is written
     with claim_run_dir(out, resume, d), sinks:
-        _check_identity(out, identity, resume, d)
+        check_identity(out, identity, resume, d)
         return _train(model, batches, make_batch, cfg, out, evaluate=evaluate, callbacks=callbacks, resume=resume,
                       device=device, progress=progress, items=items, dist=d, pad_values=pad_values, micro=micro,
                       tokens=tokens, sinks=sinks)
@@ -251,7 +156,7 @@ def _train(model: nn.Module, batches: Batches, make_batch: Callable[[list[int]],
         if scaler is not None and "scaler" in state:
             scaler.load_state_dict(state["scaler"])
     if resume and d.main:  # lines logged after the checkpoint (all of them if there is none yet): those steps run again
-        _truncate_metrics(out / "metrics.jsonl", step)
+        truncate_metrics(out / "metrics.jsonl", step)
     sinks.start(out, step if resume else None)
     saved_step = step if ckpt is not None else -1
     amp = _amp(model, cfg, device, cache=True)
@@ -264,7 +169,7 @@ def _train(model: nn.Module, batches: Batches, make_batch: Callable[[list[int]],
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     model.train()
-    with _StopOnInterrupt() as stop:
+    with StopOnInterrupt() as stop:
         stopping = False
         while step < cfg.max_steps and not stopping:
             for group in optimizer.param_groups:
@@ -416,14 +321,6 @@ def _restore_rng(state: Mapping[str, object], cfg: TrainConfig, step: int, d: Di
     _seed(cfg.seed + d.rank + 1_000_003 * step)
 
 
-def logged_records(path: Path, step: int) -> list[dict[str, object]]:
-    """The metrics.jsonl records of one step, in order."""
-    if not path.is_file():
-        return []
-    records = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
-    return [r for r in records if r.get("step") == step]
-
-
 def _extra(scaler: torch.amp.GradScaler | None, tokens: int) -> dict[str, object]:
     """state.json's extra fields: the fp16 loss scale and the run's token count so far."""
     return {**_scaler_state(scaler), "tokens": tokens}
@@ -500,22 +397,3 @@ def _log(out: Path, record: Mapping[str, object]) -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume, drop lines logged after the checkpoint's step (those steps run again) and, of lines for
-    the same step and the same fields (left by two processes that once wrote one directory), keep the
-    last. Rewritten atomically; a file that needs no change is not rewritten."""
-    if not path.is_file():
-        return
-    text = path.read_text()
-    kept: dict[tuple[object, ...], str] = {}
-    for line in text.splitlines():
-        if line.strip() and json.loads(line)["step"] <= step:
-            record = json.loads(line)
-            kept[(record["step"], *sorted(record.keys() - _VARYING))] = line  # the first one's place, the last text
-    new = "".join(line + "\n" for line in kept.values())
-    if new != text:
-        atomic_write_bytes(path, new.encode())
-
-
-_VARYING = {"tokens_per_s", "elapsed_s"}
-"""Fields of a metrics line that are not part of what the line is (a loss line has them, an eval line not)."""
