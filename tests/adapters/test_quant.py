@@ -19,11 +19,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 import dorakit as dk
+from fixtures_quant import Allocations, assert_matches_twin, grads
 from dorakit.adapters import quant
 from dorakit.adapters.inject import adapter_class
 from dorakit.adapters.layers import AdapterStateError, LinearAdapter
@@ -79,17 +77,6 @@ def make_pair(variant: str, bias: bool = True, dtype: torch.dtype = torch.float3
     return layer, twin, x
 
 
-def grads(layer: nn.Module, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-    """The output on x, and the gradients of a fixed loss in x and every adapter parameter."""
-    x = x.detach().clone().requires_grad_(True)
-    y = layer(x)
-    weights = torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view(y.shape)
-    (y * weights).sum().backward()
-    out = {"x": x.grad}
-    out.update({n: p.grad for n, p in layer.named_parameters(recurse=False)})
-    return y.detach(), out
-
-
 # ---- the adapter is DoRA / LoRA on the dequantized weight --------------------------------------
 
 @pytest.mark.parametrize("quant_kw", QUANTS, ids=lambda kw: f"{kw['quant_type']}-dq{int(kw['double_quant'])}")
@@ -97,23 +84,14 @@ def grads(layer: nn.Module, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
 @pytest.mark.parametrize("variant", ["lora", "dora", "magnitude"])
 def test_output_and_gradients_match_dense_adapter(bnb, variant: str, bias: bool, quant_kw: dict) -> None:
     layer, twin, x = make_pair(variant, bias, **quant_kw)
-    y, g = grads(layer, x)
-    y_ref, g_ref = grads(twin, x.to(F64))
-    torch.testing.assert_close(y, y_ref.float(), **TOL[torch.float32])
-    assert set(g) == set(g_ref)
-    for name in g:
-        torch.testing.assert_close(g[name], g_ref[name].float(), **TOL[torch.float32], msg=name)
+    assert_matches_twin(layer, twin, x, TOL[torch.float32])
 
 
 @pytest.mark.parametrize("variant", ["dora", "magnitude"])
 def test_exact_norm_gradient_matches_dense_adapter(bnb, variant: str) -> None:
     """norm_grad="exact" (checkpointed on the 4-bit base) gives the dense adapter's gradients."""
     layer, twin, x = make_pair(variant, norm_grad="exact")
-    y, g = grads(layer, x)
-    y_ref, g_ref = grads(twin, x.to(F64))
-    torch.testing.assert_close(y, y_ref.float(), **TOL[torch.float32])
-    for name in g:
-        torch.testing.assert_close(g[name], g_ref[name].float(), **TOL[torch.float32], msg=name)
+    assert_matches_twin(layer, twin, x, TOL[torch.float32], same_names=False)
 
 
 @pytest.mark.parametrize("variant", ["lora", "dora"])
@@ -210,27 +188,6 @@ def test_streamed_norm_is_the_dense_norm_without_a_dense_copy(bnb, device: str) 
 
 
 # ---- memory: no dense copy of W0 outlives a step -------------------------------------------------
-
-class Allocations(TorchDispatchMode):
-    """Every tensor an aten op creates while active: the largest one's bytes, and weak references to
-    those of at least ``min_numel`` elements (a copy of W0 among them), to see which outlive the call."""
-
-    def __init__(self, min_numel: int) -> None:
-        super().__init__()
-        self.min_numel, self.largest, self.big = min_numel, 0, []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, Tensor):
-                self.largest = max(self.largest, t.untyped_storage().nbytes())
-                if t.numel() >= self.min_numel:
-                    self.big.append(StorageWeakRef(t.untyped_storage()))
-        return out
-
-    def alive(self) -> int:
-        return sum(not ref.expired() for ref in self.big)
-
 
 @pytest.mark.parametrize("norm_grad", ["detach", "exact"])
 @pytest.mark.parametrize("variant", ["dora", "lora", "magnitude"])

@@ -18,11 +18,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 import dorakit as dk
+from fixtures_quant import Allocations, assert_matches_twin, grads
 from dorakit.adapters import quant
 from dorakit.adapters.inject import adapter_class
 from dorakit.adapters.layers import AdapterStateError, LinearAdapter
@@ -73,17 +71,6 @@ def make_pair(variant: str, bias: bool = True, *, norm_grad: str = "detach", see
     return layer, twin, torch.randn(2, 3, IN, generator=g)
 
 
-def grads(layer: nn.Module, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-    """The output on x, and the gradients of a fixed loss in x and every adapter parameter."""
-    x = x.detach().clone().requires_grad_(True)
-    y = layer(x)
-    weights = torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view(y.shape)
-    (y * weights).sum().backward()
-    out = {"x": x.grad}
-    out.update({n: p.grad for n, p in layer.named_parameters(recurse=False)})
-    return y.detach(), out
-
-
 # ---- the adapter is DoRA / LoRA on the dequantized weight --------------------------------------
 
 def test_dequantized_weight_is_codes_times_row_absmax_over_127(bnb) -> None:
@@ -105,22 +92,13 @@ def test_dequantized_weight_is_codes_times_row_absmax_over_127(bnb) -> None:
 @pytest.mark.parametrize("variant", ["lora", "dora", "magnitude"])
 def test_output_and_gradients_match_dense_adapter(bnb, variant: str, bias: bool) -> None:
     layer, twin, x = make_pair(variant, bias)
-    y, g = grads(layer, x)
-    y_ref, g_ref = grads(twin, x.to(F64))
-    torch.testing.assert_close(y, y_ref.float(), **TOL[torch.float32])
-    assert set(g) == set(g_ref)
-    for name in g:
-        torch.testing.assert_close(g[name], g_ref[name].float(), **TOL[torch.float32], msg=name)
+    assert_matches_twin(layer, twin, x, TOL[torch.float32])
 
 
 @pytest.mark.parametrize("variant", ["dora", "magnitude"])
 def test_exact_norm_gradient_matches_dense_adapter(bnb, variant: str) -> None:
     layer, twin, x = make_pair(variant, norm_grad="exact")
-    y, g = grads(layer, x)
-    y_ref, g_ref = grads(twin, x.to(F64))
-    torch.testing.assert_close(y, y_ref.float(), **TOL[torch.float32])
-    for name in g:
-        torch.testing.assert_close(g[name], g_ref[name].float(), **TOL[torch.float32], msg=name)
+    assert_matches_twin(layer, twin, x, TOL[torch.float32], same_names=False)
 
 
 @pytest.mark.parametrize("variant", ["lora", "dora"])
@@ -175,29 +153,6 @@ def test_each_forward_dequantizes_at_most_once(bnb, monkeypatch: pytest.MonkeyPa
         for _ in range(3):
             layer(x).sum().backward()
         assert len(calls) == 3 * per_step, variant
-
-
-class Allocations(TorchDispatchMode):
-    """The largest tensor an aten op creates while active, and weak references to those of at least
-    ``min_numel`` elements (other than views of the resident codes), to see which outlive the call
-    (as in test_quant.py)."""
-
-    def __init__(self, min_numel: int, resident: Tensor) -> None:
-        super().__init__()
-        self.min_numel, self.largest, self.big = min_numel, 0, []
-        self.resident = resident.untyped_storage().data_ptr()  # the int8 codes: aliased (.data), not new
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, Tensor):
-                self.largest = max(self.largest, t.untyped_storage().nbytes())
-                if t.numel() >= self.min_numel and t.untyped_storage().data_ptr() != self.resident:
-                    self.big.append(StorageWeakRef(t.untyped_storage()))
-        return out
-
-    def alive(self) -> int:
-        return sum(not ref.expired() for ref in self.big)
 
 
 @pytest.mark.parametrize("norm_grad", ["detach", "exact"])
