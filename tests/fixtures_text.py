@@ -90,3 +90,25 @@ def chat_tokenizer(directory: Path, texts: Iterable[str], template: str | None =
         tok.save_pretrained(directory)
         tok = AutoTokenizer.from_pretrained(directory)
     return tok
+
+
+def boolq_llama(root: Path, n: int = 4) -> tuple[Path, Path]:
+    """(a tiny LLaMA saved with a word tokenizer covering the prompts, ``train.json``): the first ``n``
+    BoolQ train records and a vocabulary that also covers the first ``n`` test records; the model for
+    runs of a command (sweep) on real data in seconds. Skips without the shared data."""
+    import torch
+    import transformers
+
+    from dorakit.training.data import load_records
+
+    train = load_records(shared_task_file("boolq", "train"))[:n]
+    evals = load_records(shared_task_file("boolq"), purpose="eval")[:n]
+    data = root / "train.json"
+    data.write_text(json.dumps([vars(r) for r in train]))
+    model_dir = root / "lm"
+    tok = word_tokenizer(model_dir, prompt_words(train + evals))
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, bos_token_id=0, eos_token_id=1)).save_pretrained(model_dir)
+    return model_dir, data

@@ -6,12 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
-from fixtures_text import prompt_words, shared_task_file, word_tokenizer
+from fixtures_text import boolq_llama, shared_task_file
 
 from dorakit import AdapterConfig
 from dorakit.commands.cli import main
-from dorakit.training.data import load_records
 from dorakit.commands.sweep import PRESETS, count_for, meta_model
 
 QKVUD = ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"]  # the paper's LLaMA targets (Hu et al. 2023)
@@ -62,17 +60,7 @@ def test_params_reads_only_config_json_of_a_local_model(tmp_path: Path) -> None:
 
 
 def test_sweep_runs_every_method_and_rank(tmp_path: Path) -> None:
-    import transformers
-
-    train = load_records(shared_task_file("boolq", "train"))[:4]
-    evals = load_records(shared_task_file("boolq"), purpose="eval")[:4]
-    (tmp_path / "train.json").write_text(json.dumps([vars(r) for r in train]))
-    model_dir = tmp_path / "lm"
-    tok = word_tokenizer(model_dir, prompt_words(train + evals))
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=2, bos_token_id=0, eos_token_id=1)).save_pretrained(model_dir)
+    model_dir, _ = boolq_llama(tmp_path)
     out = tmp_path / "sweep"
     argv = ["sweep", "--model", str(model_dir), "--data", str(tmp_path / "train.json"), "--eval-data",
             str(shared_task_file("boolq")), "--eval-limit", "4", "--ranks", "2", "4", "--max-steps", "1",

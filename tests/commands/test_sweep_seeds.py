@@ -8,13 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from fixtures_text import prompt_words, shared_task_file, word_tokenizer
+from fixtures_text import boolq_llama, shared_task_file
 
 from dorakit.analysis.stats import t_quantile
 from dorakit.commands.cli import main
 from dorakit.commands.sweep_seeds import read_seed_sweeps, seed_summary, write_seed_summary
-from dorakit.training.data import load_records
 
 
 def _by_seed(shift: float, seeds: int = 5) -> dict[int, list[dict[str, object]]]:
@@ -63,17 +61,7 @@ def test_write_and_read_back(tmp_path: Path) -> None:
 
 
 def test_sweep_cli_with_seeds(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    import transformers
-
-    train = load_records(shared_task_file("boolq", "train"))[:4]
-    evals = load_records(shared_task_file("boolq"), purpose="eval")[:4]
-    (tmp_path / "train.json").write_text(json.dumps([vars(r) for r in train]))
-    model_dir = tmp_path / "lm"
-    tok = word_tokenizer(model_dir, prompt_words(train + evals))
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=2, bos_token_id=0, eos_token_id=1)).save_pretrained(model_dir)
+    model_dir, _ = boolq_llama(tmp_path)
     out = tmp_path / "sweep"
     assert main(["sweep", "--model", str(model_dir), "--data", str(tmp_path / "train.json"), "--eval-data",
                  str(shared_task_file("boolq")), "--eval-limit", "4", "--ranks", "2", "4", "--max-steps", "1",
