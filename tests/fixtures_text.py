@@ -112,3 +112,19 @@ def boolq_llama(root: Path, n: int = 4) -> tuple[Path, Path]:
         vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
         num_key_value_heads=2, bos_token_id=0, eos_token_id=1)).save_pretrained(model_dir)
     return model_dir, data
+
+
+def save_word_llama(model_dir: Path, texts: Iterable[str], max_position_embeddings: int = 256) -> Any:
+    """A tiny causal LLaMA (2 layers, width 32, seed 0) saved in ``model_dir`` with a word tokenizer over
+    ``texts``, like a user's model directory; returns the tokenizer."""
+    import torch
+    import transformers
+
+    tok = word_tokenizer(model_dir, texts)
+    cfg = transformers.LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=max_position_embeddings, bos_token_id=0, eos_token_id=1,
+        pad_token_id=None)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(model_dir)
+    return tok

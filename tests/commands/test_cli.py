@@ -21,7 +21,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from fixtures_text import prompt_words, shared_task_file, word_tokenizer
+from fixtures_text import prompt_words, save_word_llama, shared_task_file, word_tokenizer
 from torch import Tensor, nn
 
 import dorakit as dk
@@ -249,19 +249,13 @@ def test_gpu_finetune_with_cuda_graph_equals_eager(tmp_path: Path) -> None:
     """`dorakit finetune --cuda-graph` (the recipe's pad values, the causal collate) logs the eager run's
     losses, to rounding of other GEMM shapes (fp32). Self-contained (made-up records of 2 to 40 words,
     so the padded widths differ), so it runs where the shared data is absent."""
-    import transformers
 
     words = [f"w{i}" for i in range(50)]
     records = [{"instruction": " ".join(words[(3 * i) % 50:][:2 + (7 * i) % 39]), "input": "",
                 "output": words[i % 50], "answer": words[i % 50]} for i in range(12)]
     data = _write(tmp_path / "train.json", records)
     model_dir = tmp_path / "tiny-llama"
-    tok = word_tokenizer(model_dir, prompt_words(load_records(data)))
-    cfg = transformers.LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, bos_token_id=0, eos_token_id=1, pad_token_id=None)
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(model_dir)
+    save_word_llama(model_dir, prompt_words(load_records(data)), max_position_embeddings=512)
     losses = {}
     for name, extra in (("eager", ()), ("graph", ("--cuda-graph",))):
         assert main(["finetune", "--model", str(model_dir), "--data", str(data), "--output-dir", str(tmp_path / name),

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from fixtures_text import prompt_words, word_tokenizer, write_json
+from fixtures_text import prompt_words, save_word_llama, write_json
 
 import dorakit.training.train as train_mod
 from dorakit.commands.cli import main
@@ -33,7 +33,6 @@ needs_wandb = pytest.mark.skipif(importlib.util.find_spec("wandb") is None, reas
 @pytest.fixture(scope="module")
 def lm(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     """A tiny causal Llama + word tokenizer saved like a user's model directory, 5 training records."""
-    import transformers
 
     root = tmp_path_factory.mktemp("trackers")
     train = write_json(root / "train.json", RECORDS)
@@ -41,12 +40,7 @@ def lm(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     evals = write_json(root / "boolq" / "test.json", [{"instruction": r["instruction"], "answer": r["output"].split()[-1]}
                                                       for r in RECORDS])
     model_dir = root / "tiny-llama"
-    tok = word_tokenizer(model_dir, prompt_words(load_records(train)))
-    cfg = transformers.LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, bos_token_id=0, eos_token_id=1, pad_token_id=None)
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(model_dir)
+    save_word_llama(model_dir, prompt_words(load_records(train)))
     return SimpleNamespace(root=root, dir=model_dir, train=train, evals=evals)
 
 
