@@ -3,6 +3,8 @@ hosts: what the named-adapter tests (test_multi, test_multi_api, test_gathered) 
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import Tensor, nn
 
@@ -37,3 +39,20 @@ def perturb_adapters(model: nn.Module, seed: int = 0, b_scale: float = 1.0) -> N
                     if getattr(layer, "magnitude", None) is not None:
                         layer.magnitude.mul_(torch.rand(layer.magnitude.shape, generator=gen,
                                                         dtype=torch.float64) + .5)
+
+
+def alone(base: nn.Module, multi: nn.Module, name: str, config: dk.AdapterConfig) -> nn.Module:
+    """A copy of ``base`` with adapter ``name`` of ``multi`` (whose config is ``config``) applied by the
+    single-adapter path, the same tensors, in ``base``'s train / eval mode: what each row routed to
+    ``name`` must equal."""
+    single = copy.deepcopy(base)
+    dk.apply_adapters(single, config)
+    with torch.no_grad():
+        for module_name, layer in dk.adapter_layers(multi):
+            if name in layer.hosted_names():
+                target = single.get_submodule(module_name)
+                with layer.bound(name):
+                    for key in ("lora_A", "lora_B", "magnitude"):
+                        if getattr(layer, key, None) is not None:
+                            getattr(target, key).copy_(getattr(layer, key))
+    return single.train(base.training)

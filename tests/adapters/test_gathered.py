@@ -18,6 +18,7 @@ import dorakit as dk
 from dorakit.adapters import gathered
 from dorakit.adapters.gathered import GatherPath
 from fixtures_multi import MLP, perturb_adapters
+from fixtures_multi import alone as alone_with
 
 F64 = torch.float64
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -33,6 +34,11 @@ CONFIGS = {
 ROWS = ["dora2", None, "default", "mag", "lora", "dora2"]
 
 
+def alone(base: nn.Module, multi: nn.Module, name: str) -> nn.Module:
+    """fixtures_multi.alone with this file's CONFIGS."""
+    return alone_with(base, multi, name, CONFIGS[name])
+
+
 def build(dtype: torch.dtype = F64) -> tuple[nn.Module, nn.Module]:
     torch.manual_seed(0)
     base = MLP(24, 40, 20, dtype).eval()
@@ -42,20 +48,6 @@ def build(dtype: torch.dtype = F64) -> tuple[nn.Module, nn.Module]:
         dk.add_adapter(model, CONFIGS[name], name=name)
     perturb_adapters(model, b_scale=0.3)
     return base, model.eval()
-
-
-def alone(base: nn.Module, model: nn.Module, name: str) -> nn.Module:
-    """``base`` with adapter ``name`` of ``model`` applied alone (the single-adapter path), same tensors."""
-    single = copy.deepcopy(base)
-    dk.apply_adapters(single, CONFIGS[name])
-    with torch.no_grad():
-        for module_name, layer in dk.adapter_layers(model):
-            if name in layer.hosted_names():
-                with layer.bound(name):
-                    for key in ("lora_A", "lora_B", "magnitude"):
-                        if getattr(layer, key, None) is not None:
-                            getattr(single.get_submodule(module_name), key).copy_(getattr(layer, key))
-    return single.eval()
 
 
 def set_backend(model: nn.Module, backend: str) -> None:

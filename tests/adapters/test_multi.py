@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 import dorakit as dk
 from fixtures_multi import MLP, perturb_adapters
+from fixtures_multi import alone as alone_with
 
 CONFIGS = {
     "default": dk.AdapterConfig(method="dora", rank=4, alpha=8, targets=["up", "down"]),
@@ -20,18 +21,8 @@ CONFIGS = {
 
 
 def alone(base: nn.Module, multi: nn.Module, name: str) -> nn.Module:
-    """A copy of ``base`` with adapter ``name`` of ``multi`` applied by the single-adapter path, same tensors."""
-    single = copy.deepcopy(base)
-    dk.apply_adapters(single, CONFIGS[name])
-    with torch.no_grad():
-        for module_name, layer in dk.adapter_layers(multi):
-            if name in layer.hosted_names():
-                target = single.get_submodule(module_name)
-                with layer.bound(name):
-                    for key in ("lora_A", "lora_B", "magnitude"):
-                        if getattr(layer, key, None) is not None:
-                            getattr(target, key).copy_(getattr(layer, key))
-    return single
+    """fixtures_multi.alone with this file's CONFIGS."""
+    return alone_with(base, multi, name, CONFIGS[name])
 
 
 @pytest.fixture
