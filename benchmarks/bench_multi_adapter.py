@@ -85,11 +85,12 @@ def generate(model: nn.Module, ids: torch.Tensor, new: int, **kw: object) -> tor
     return out[:, ids.shape[1]:]
 
 
-def add_adapters(model: nn.Module, method: str, rank: int) -> None:
+def add_adapters(model: nn.Module, method: str, rank: int, backend: str = "auto") -> None:
     """8 named adapters a0..a7, each with its own random nonzero B (and perturbed magnitude for DoRA)."""
     gen = torch.Generator().manual_seed(1)
     for name in NAMES:
-        dk.add_adapter(model, dk.AdapterConfig(method=method, rank=rank, alpha=2 * rank, targets=TARGETS), name=name)
+        dk.add_adapter(model, dk.AdapterConfig(method=method, rank=rank, alpha=2 * rank, targets=TARGETS,
+                                                      backend=backend), name=name)
     with torch.no_grad():
         for _, layer in dk.adapter_layers(model):
             for name in layer.hosted_names():
@@ -170,7 +171,7 @@ def peft_rows(model: nn.Module, directory: str, method: str, prompts: dict[int, 
 
 
 def run_method(model: nn.Module, method: str, prompts: dict, rows: dict, args: argparse.Namespace) -> tuple:
-    add_adapters(model, method, args.rank)
+    add_adapters(model, method, args.rank, args.backend)
     res = dorakit_rows(model, prompts, rows, args)
     if not args.no_peft:
         with tempfile.TemporaryDirectory() as directory:
@@ -229,6 +230,8 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--backend", default="auto", choices=["auto", "fused", "triton", "torch"],
+                        help="the adapters' backend (dk.AdapterConfig.backend)")
     parser.add_argument("--repeats", type=int, default=1, help="timed calls per row (median), after one warm-up")
     parser.add_argument("--no-peft", action="store_true", help="skip the PEFT rows")
     parser.add_argument("--threads", type=int, default=1,
@@ -244,7 +247,7 @@ def main() -> None:
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     print(f"device: {device_name} ({torch.get_num_threads()} CPU threads); torch {torch.__version__}; dtype {dtype}; "
-          f"commit {commit}; "
+          f"commit {commit}; backend {args.backend}; "
           f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC")
     print(f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens (greedy), rank {args.rank} on {TARGETS}, "
           f"{len(NAMES)} adapters; batch > 1: {len(NAMES)} adapters mixed\n")

@@ -81,7 +81,7 @@ def test_output_after_optimizer_steps_equals_fresh_reference(cls: str, impl: str
 
 def _update(model: nn.Sequential, how: str, target: str) -> None:
     layer = model[0]
-    tensor = {"A": layer.lora_A, "B": layer.lora_B, "W0": layer.base_layer.weight}[target]
+    tensor = {"A": layer.lora_A, "B": layer.lora_B, "W0": layer.base_layer.weight, "m": layer.magnitude}[target]
     new = torch.randn(tensor.shape, dtype=F64, generator=torch.Generator().manual_seed(5)) * 0.3
     if how == "copy_":
         with torch.no_grad():
@@ -89,12 +89,12 @@ def _update(model: nn.Sequential, how: str, target: str) -> None:
     elif how == "data":
         tensor.data.copy_(new)
     else:  # load_state_dict
-        name = {"A": "0.lora_A", "B": "0.lora_B", "W0": "0.base_layer.weight"}[target]
+        name = {"A": "0.lora_A", "B": "0.lora_B", "W0": "0.base_layer.weight", "m": "0.magnitude"}[target]
         model.load_state_dict({**model.state_dict(), name: new})
 
 
 @pytest.mark.parametrize("cached", [False, True])
-@pytest.mark.parametrize("target", ["A", "B", "W0"])
+@pytest.mark.parametrize("target", ["A", "B", "W0", "m"])
 @pytest.mark.parametrize("how", ["copy_", "load_state_dict", "data"])
 def test_output_after_in_place_update_equals_fresh_reference(how: str, target: str, cached: bool) -> None:
     """Outside dk.cached_norms nothing is cached, so every update is seen. Inside, copy_ and

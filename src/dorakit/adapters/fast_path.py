@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .kernels import dora_linear, dora_prepare, lora_prepare, triton_available, triton_interpreted
+from .kernels.dora_linear import linear_forward
 
 
 def _autocast_dtype(x: Tensor) -> torch.dtype | None:
@@ -54,6 +55,8 @@ class FastPath:
     cache_norm: bool
     _norm_cache: tuple[tuple, tuple[Tensor | None, ...]] | None
     _cache_depth: int
+    _infer_cache: tuple[tuple, tuple | None] | None = None
+    """The inference pack of _inference_call: (state, (impl, norm, s·A, B, g, W0, A, B, m) or None)."""
 
     @staticmethod
     def _cache_key(weight: Tensor) -> tuple[int, torch.dtype, torch.device, int]:
@@ -62,7 +65,7 @@ class FastPath:
     def refresh_weight_cache(self) -> None:
         """Drop the norm kept inside a cached_norms() block: call it there after writing W0, A or B
         through ``.data`` (the one change cached_norms cannot see). Outside such a block nothing is cached."""
-        self._norm_cache = self._gather_cache = None
+        self._norm_cache = self._gather_cache = self._infer_cache = None
 
     def _prepare(self, weight: Tensor, impl: str) -> tuple[Tensor | None, ...]:
         """dorakit.adapters.kernels.dora_prepare (DoRA) or lora_prepare (LoRA: no norm) for W0 = ``weight``.
@@ -100,8 +103,64 @@ class FastPath:
 
     def train(self, mode: bool = True) -> Self:
         """nn.Module.train, dropping the norms kept by cached_norms() (see _prepared, gathered.py)."""
-        self._norm_cache = self._gather_cache = None
+        self._norm_cache = self._gather_cache = self._infer_cache = None
         return super().train(mode)
+
+    def _inference_state(self, x: Tensor) -> tuple | None:
+        """What the inference pack depends on, or None where _inference_call does not apply (outside
+        cached_norms(), training mode, grad enabled, the cache turned off, magnitude-only, a base weight
+        that is no plain parameter). Read through the modules' dicts: this runs on every decode call."""
+        if (self._cache_depth == 0 or self.training or torch.is_grad_enabled() or not self.cache_norm
+                or self.variant == "magnitude"):
+            return None
+        params = self._parameters
+        base = self._modules["base_layer"]
+        W, A, B = base._parameters.get("weight"), params["lora_A"], params["lora_B"]
+        if W is None:
+            return None
+        m = params.get("magnitude") if self.variant == "dora" else None
+        return (W._version, W.data_ptr(), A._version, A.data_ptr(), B._version, B.data_ptr(),
+                None if m is None else (m._version, m.data_ptr()), self.variant, self.backend, self.scaling,
+                x.dtype, x.device, torch.is_autocast_enabled(x.device.type),
+                self.variant == "lora" and _has_hooks(base))
+
+    def _inference_call(self, x: Tensor) -> Tensor | None:
+        """y for ``x`` from the pack kept inside cached_norms() at inference, or None where it does not apply.
+
+        The decode loop calls every adapter once per token with a few rows, so the host's work per call
+        is most of an unmerged adapter's cost there. Inside cached_norms(), in eval mode without grad,
+        this call is linear_forward itself (the products the Function runs, the same values) without the
+        autograd Function, the backend choice or _prepared's key: the pack keeps the backend's choice,
+        what _prepared made and, for "fused" DoRA, g = m / n. It is rebuilt when _inference_state
+        changes (W0, A, B or m written in place or replaced, s, the backend, x's dtype / device,
+        autocast, hooks) and dropped where _norm_cache is (train() / eval(), an optimizer step,
+        refresh_weight_cache(), the block's entry and exit)."""
+        state = self._inference_state(x)
+        if state is None:
+            return None
+        cache = self._infer_cache
+        if cache is None or cache[0] != state:
+            impl = self._fast_impl(x)
+            pack = None if impl is None or _autocast_dtype(x) is not None else self._inference_pack(impl)
+            cache = self._infer_cache = (state, pack)
+        pack = cache[1]
+        if pack is None:
+            return None
+        impl, norm, a_s, b_c, g, weight, _, _, magnitude = pack
+        y = linear_forward(x.reshape(-1, x.shape[-1]), weight, self._modules["base_layer"].bias, magnitude, norm,
+                           a_s, b_c, impl, g)[0]
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    def _inference_pack(self, impl: str) -> tuple:
+        """(impl, norm, s·A, B, g, W0, A, B, m) for _inference_call; W0, A, B and m are kept so that their
+        storage cannot be reused by a replacement while the pack holds their data pointers."""
+        weight = self.base_layer.weight
+        norm, _, a_s, b_c, _ = self._prepared(impl)
+        m = self.magnitude if self.variant == "dora" else None
+        g = None
+        if m is not None and impl == "fused":
+            g = (m.to(norm.dtype) / norm).to(weight.dtype)  # as linear_forward computes it
+        return impl, norm, a_s, b_c, g, weight, self.lora_A, self.lora_B, m
 
     def _fast_forward(self, x: Tensor, impl: str) -> Tensor:
         """LoRA / DoRA through dorakit.adapters.kernels: one autograd Function, the norm a constant."""
@@ -212,7 +271,7 @@ def cached_norms(model: nn.Module) -> Iterator[None]:
 
     def drop(*_: object) -> None:
         for holder in holders:
-            holder._norm_cache = None
+            holder._norm_cache = holder._infer_cache = None
         for layer in layers:  # the mixed-batch packs (gathered.py)
             layer._gather_cache = None
 

@@ -89,9 +89,10 @@ class GatherPath:
     # ---- the pack --------------------------------------------------------------------------------
     def _pack_key(self, dtype: torch.dtype) -> tuple:
         """Everything the pack reads: W0's storage and version, each adapter's tensors and s."""
-        weight = self.base_layer.weight
-        own = tuple((p._version, p.data_ptr()) for p in self.parameters(recurse=False))
-        slots = tuple((name, slot.scaling, tuple((p._version, p.data_ptr()) for p in slot.parameters()))
+        weight = self.base_layer.weight  # the parameters' dicts, not parameters(): this runs on every decode call
+        own = tuple((p._version, p.data_ptr()) for p in self._parameters.values() if p is not None)
+        slots = tuple((name, slot.scaling, tuple((p._version, p.data_ptr()) for p in slot._parameters.values()
+                                                 if p is not None))
                       for name, slot in self.slots().items())
         return (dtype, self._cache_key(weight), self.adapter_name, self.scaling, own, slots)
 

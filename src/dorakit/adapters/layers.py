@@ -200,6 +200,9 @@ class AdapterLayer(MultiAdapter, FastPath, nn.Module):
 
     def _single_forward(self, x: Tensor) -> Tensor:
         """The forward of the wrapper's own adapter (or the one bound in its place)."""
+        y = self._inference_call(x)  # inside cached_norms() at inference: the kept pack (fast_path.py)
+        if y is not None:
+            return y
         impl = self._fast_impl(x)
         if impl is not None:  # LoRA / DoRA through dorakit.adapters.kernels: one autograd Function, the norm a constant
             return self._fast_forward(x, impl)

@@ -29,8 +29,9 @@ from .gathered import GatherPath
 SLOT_PARAMS = ("lora_A", "lora_B", "magnitude")
 """The parameters an adapter owns (a LoRA adapter has no magnitude; a magnitude-only one has A = B = None)."""
 SLOT_MODULES = ("lora_dropout",)
-SLOT_ATTRS = ("variant", "rank", "alpha", "use_rslora", "scaling", "norm_grad", "backend", "_norm_cache")
-"""The scalars (and the DoRA norm cache) that belong to one adapter rather than to the module."""
+SLOT_ATTRS = ("variant", "rank", "alpha", "use_rslora", "scaling", "norm_grad", "backend", "_norm_cache",
+              "_infer_cache")
+"""The scalars (and the caches of cached_norms()) that belong to one adapter rather than to the module."""
 
 _MISSING = object()
 
@@ -53,7 +54,7 @@ class AdapterSlot(nn.Module):
         return slot
 
     def train(self, mode: bool = True) -> AdapterSlot:
-        self._norm_cache = None
+        self._norm_cache = self._infer_cache = None
         return super().train(mode)
 
     def extra_repr(self) -> str:
@@ -152,6 +153,8 @@ class MultiAdapter(GatherPath):
 
     def _run_adapter(self, name: str | None, x: Tensor) -> Tensor:
         """The module's output for ``x`` under adapter ``name``; the base output for one it does not hold."""
+        if name == self.adapter_name:  # the own adapter: no binding (the decode loop's common case)
+            return self._single_forward(x)
         if name is None or name not in self.hosted_names():
             return self.base_layer(x)
         with self.bound(name):

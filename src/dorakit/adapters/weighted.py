@@ -186,4 +186,4 @@ def add_weighted_adapter(model: nn.Module, adapters: Sequence[str], weights: Seq
                 layer.lora_B.copy_(new.B.reshape(layer.lora_B.shape))
                 if new.magnitude is not None:
                     layer.magnitude.copy_(new.magnitude)
-                layer._norm_cache = None
+                layer.refresh_weight_cache()

@@ -54,9 +54,10 @@ def linear_forward(
     a_s: Tensor,
     b_c: Tensor,
     impl: str,
+    g: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     """(y (M, N), h = s·x Aᵀ (M, R), y_pre (M, N) and g = m / n in W0's dtype for "fused" DoRA, else
-    None, None) for x2 (M, K).
+    None, None) for x2 (M, K); ``g``: m / n as this function computes it, if the caller kept it.
 
     The forward both DoRALinearFunction (eager) and the ``dorakit::adapter_linear`` op (torch.compile,
     ops.py) run. For "triton", backward recovers y_pre from y itself."""
@@ -68,7 +69,8 @@ def linear_forward(
 
         return dora_forward(F.linear(x2, weight), h, b_c, magnitude, norm, bias), h, None, None
     y_pre = F.linear(x2, weight).addmm_(h, b_c.T)  # x W0ᵀ + s·x Aᵀ Bᵀ, in place
-    g = (magnitude.to(norm.dtype) / norm).to(weight.dtype)
+    if g is None:
+        g = (magnitude.to(norm.dtype) / norm).to(weight.dtype)
     return (y_pre * g if bias is None else torch.addcmul(bias, y_pre, g)), h, y_pre, g
 
 
