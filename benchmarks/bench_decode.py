@@ -4,7 +4,8 @@ Part 1, one layer: the time of one call at 1 row (a decode step's shape) of nn.L
 DoRA adapter on it (backend fused and triton) inside dk.cached_norms, eval, no grad: on a GPU this is
 the host's cost per call (launches), which decides batch-1 decoding of an eager model.
 Part 2, the model: generate() time per token at batch 1 for the base model, one merged adapter and one
-unmerged adapter (DoRA, LoRA; each backend), the rows interleaved over --rounds (median), so drift of
+unmerged adapter (DoRA, LoRA; backend auto, and on CUDA triton, whose calls of <= 16 rows take the one-launch
+decode kernel), the rows interleaved over --rounds (median), so drift of
 clocks and caches hits every row alike.
 
     python benchmarks/bench_decode.py --device cuda --preset llama-1b
@@ -67,10 +68,13 @@ def part_model(args: argparse.Namespace, dtype: torch.dtype) -> None:
                         generator=torch.Generator().manual_seed(2)).to(args.device)
     configs = {}
     for method in ("dora", "lora"):
-        for backend in (["auto", "fused"] if args.device == "cuda" else ["auto"]):
+        for backend in (["auto", "triton"] if args.device == "cuda" else ["auto"]):
             configs[f"{method} {backend}"] = dk.AdapterConfig(method=method, rank=args.rank, alpha=2 * args.rank,
                                                              targets=TARGETS, backend=backend)
     times: dict[str, list[float]] = {}
+    start = time.perf_counter()  # burn-in: clocks and caches settle before the first timed row
+    while time.perf_counter() - start < args.burn_in:
+        generate(model, ids, args.new_tokens)
     for _ in range(args.rounds):
         for name, config in [("base", None), *configs.items(), ("merged dora", configs["dora auto"])]:
             if config is not None:
@@ -109,6 +113,7 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--burn-in", type=float, default=5.0, help="seconds of untimed base generate() first")
     parser.add_argument("--parts", default="layer,model", help="comma-separated: layer, model")
     args = parser.parse_args()
     torch.set_num_threads(1)

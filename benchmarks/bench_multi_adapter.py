@@ -205,19 +205,21 @@ def table(preset: str, base: dict, results: dict, args: argparse.Namespace) -> l
     return lines
 
 
-def run_preset(preset: str, methods: list[str], dtype: torch.dtype, args: argparse.Namespace) -> list[str]:
-    """The table rows of one preset: the base model, then each method's adapters on the same weights."""
+def run_preset(preset: str, methods: list[str], dtype: torch.dtype, args: argparse.Namespace) -> None:
+    """Print the table rows of one preset: the base model, then each method's adapters on the same weights."""
     model = build(preset, dtype, args.device)
     gen = torch.Generator().manual_seed(2)
     prompts = {b: torch.randint(3, model.config.vocab_size, (b, args.prompt_len), generator=gen).to(args.device)
                for b in args.batches}
     rows = {b: [NAMES[0]] if b == 1 else [NAMES[i % len(NAMES)] for i in range(b)] for b in args.batches}
+    start = time.perf_counter()  # burn-in: clocks and caches settle before the first timed row
+    while time.perf_counter() - start < args.burn_in:
+        generate(model, prompts[args.batches[0]], args.new_tokens)
     base = {b: timed(lambda new, ids=ids: generate(model, ids, new), args.new_tokens, args)
             for b, ids in prompts.items()}
-    results = {}
-    for method in methods:
-        model, results[method] = run_method(model, method, prompts, rows, args)
-    return table(preset, base, results, args)
+    for method in methods:  # each method's rows as soon as they are measured
+        model, result = run_method(model, method, prompts, rows, args)
+        print("\n".join(table(preset, base, {method: result}, args)), flush=True)
 
 
 def main() -> None:
@@ -233,6 +235,8 @@ def main() -> None:
     parser.add_argument("--backend", default="auto", choices=["auto", "fused", "triton", "torch"],
                         help="the adapters' backend (dk.AdapterConfig.backend)")
     parser.add_argument("--repeats", type=int, default=1, help="timed calls per row (median), after one warm-up")
+    parser.add_argument("--burn-in", type=float, default=10.0,
+                        help="seconds of untimed base-model generate() before the first timed row")
     parser.add_argument("--no-peft", action="store_true", help="skip the PEFT rows")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (1: on a shared CPU, spinning OpenMP threads distort the timings)")
@@ -254,7 +258,7 @@ def main() -> None:
     print("| preset | method | batch | row | tok/s | ms/token | time × base | tok/s × merged | tokens = dorakit |")
     print("|---|---|---|---|---|---|---|---|---|")
     for preset in args.presets.split(","):
-        print("\n".join(run_preset(preset, methods, dtype, args)), flush=True)
+        run_preset(preset, methods, dtype, args)
         if args.device == "cuda":
             torch.cuda.empty_cache()
 

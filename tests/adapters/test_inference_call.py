@@ -7,6 +7,8 @@ hooks, the active adapter) and never run where it does not apply (grad, training
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 from torch import Tensor, nn
@@ -146,3 +148,88 @@ def test_magnitude_only_and_hooked_lora_take_no_pack() -> None:
         ys = [lora(x) for _ in range(3)]
         assert lora[0]._infer_cache[1] is None and lora[2]._infer_cache[1] is not None
     assert len(calls) == 3 and ys[-1].equal(_outside(lora, x))  # the hook ran on every call
+
+
+# ---- the one-launch decode kernel (kernels/triton_decode.py) -------------------------------------------
+# On CPU it runs under TRITON_INTERPRET=1 (tests/conftest.py) in float32 and float16 (the interpreter's
+# bfloat16 dot is wrong); bfloat16 is checked on CUDA by the gpu-marked test.
+
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+REL_TOL = {torch.float32: 1e-5, torch.float16: 4 * 2.0**-11, torch.bfloat16: 4 * 2.0**-8}
+
+
+def _decode_reference(x: Tensor, W: Tensor, A: Tensor, B: Tensor, g: Tensor | None, bias: Tensor | None) -> Tensor:
+    """float64, with h rounded to x's dtype as the kernel (and F.linear) rounds it."""
+    d = torch.float64
+    h = (x.to(d) @ A.to(d).T).to(x.dtype).to(d)
+    y = x.to(d) @ W.to(d).T + h @ B.to(d).T
+    y = y if g is None else y * g.to(d)
+    return y if bias is None else y + bias.to(d)
+
+
+def _check_decode(dtype: torch.dtype, rows: int, n: int, k: int, r: int, dora: bool, bias: bool) -> None:
+    from dorakit.adapters.kernels.triton_decode import decode_linear
+
+    gen = torch.Generator().manual_seed(rows * 1000 + n + r)
+    def make(*shape: int, scale: float = 1.0) -> Tensor:
+        return (torch.randn(*shape, generator=gen) * scale).to(device=DEVICE, dtype=dtype)
+    x, W, A, B = make(rows, k), make(n, k, scale=k**-0.5), make(r, k, scale=k**-0.5), make(n, r, scale=0.1)
+    g = (torch.rand(n, generator=gen) + 0.5).to(DEVICE) if dora else None
+    b = make(n) if bias else None
+    y = decode_linear(x, W, A, B, g, b)
+    ref = _decode_reference(x, W, A, B, g, b)
+    assert y.shape == (rows, n) and y.dtype == dtype
+    err = (y.double() - ref).abs().max().item()
+    assert err <= REL_TOL[dtype] * ref.abs().max().item(), (dtype, rows, n, k, r, err)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("rows,n,k,r,dora,bias", [(1, 70, 200, 12, True, True), (5, 64, 128, 16, False, False),
+                                                  (16, 33, 129, 5, True, False), (2, 96, 64, 128, False, True)])
+def test_decode_kernel_matches_float64(dtype: torch.dtype, rows: int, n: int, k: int, r: int, dora: bool,
+                                       bias: bool) -> None:
+    _check_decode(dtype, rows, n, k, r, dora, bias)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("rows,n,k,r", [(1, 2048, 2048, 16), (16, 5632, 2048, 64), (3, 4096, 14336, 128)])
+def test_gpu_decode_kernel_bfloat16(rows: int, n: int, k: int, r: int) -> None:
+    _check_decode(torch.bfloat16, rows, n, k, r, dora=True, bias=True)
+
+
+@needs_triton
+@pytest.mark.parametrize("variant", ["dora", "lora"])
+def test_layer_calls_of_few_rows_take_the_decode_kernel(variant: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """backend="triton" inside cached_norms: <= DECODE_MAX_ROWS rows take the kernel, more rows the Function's
+    products; both equal the Function's output outside the block (float32, to float32 rounding)."""
+    from dorakit.adapters.kernels import DECODE_MAX_ROWS, triton_decode
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(40, 24, device=DEVICE))
+    dk.apply_adapters(model, dk.AdapterConfig(method=variant, rank=8, targets=["0"], backend="triton"))
+    with torch.no_grad():
+        model[0].lora_B.normal_(std=0.1)
+    model.eval()
+    calls = []
+    kernel = triton_decode.decode_linear
+    monkeypatch.setattr(triton_decode, "decode_linear", lambda *a: calls.append(a[0].shape[0]) or kernel(*a))
+    for rows in (1, DECODE_MAX_ROWS, DECODE_MAX_ROWS + 1):
+        x = torch.randn(rows, 1, 40, device=DEVICE)
+        ref = _outside(model, x)
+        with torch.no_grad(), dk.cached_norms(model):
+            ys = [model(x) for _ in range(2)]
+        for y in ys:
+            torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    assert calls == [1, 1, DECODE_MAX_ROWS, DECODE_MAX_ROWS]  # two calls each; 17 rows never
+
+
+def test_auto_takes_the_decode_kernel_only_on_cuda_where_allowed() -> None:
+    model = _model("dora")
+    layer = model[0]
+    x = torch.randn(1, 24)
+    assert not layer._decode_allowed(x)  # CPU, backend "auto": never (not even interpreted)
+    layer.backend = "torch"
+    assert not layer._decode_allowed(x)

@@ -10,13 +10,17 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Self
+from typing import NamedTuple, Self
 
 import torch
 from torch import Tensor, nn
 
 from .kernels import dora_linear, dora_prepare, lora_prepare, triton_available, triton_interpreted
+from .kernels import DECODE_MAX_RANK, DECODE_MAX_ROWS
 from .kernels.dora_linear import linear_forward
+
+DECODE_AUTO = False
+"""Whether backend="auto" takes the decode kernel on CUDA (backend="triton" always does where it can)."""
 
 
 def _autocast_dtype(x: Tensor) -> torch.dtype | None:
@@ -47,6 +51,21 @@ def _has_hooks(module: nn.Module) -> bool:
                 or getattr(nn_module, "_global_forward_pre_hooks", None))
 
 
+class InferencePack(NamedTuple):
+    """What _inference_call keeps for one adapter inside cached_norms()."""
+
+    impl: str
+    norm: Tensor | None  # _prepared's norm (for "triton": the partial sums), None for LoRA
+    a_s: Tensor  # s·A (R, K) in W0's dtype
+    b_c: Tensor  # B (N, R) in W0's dtype
+    g: Tensor | None  # m / n in W0's dtype, as linear_forward computes it ("fused" DoRA), else None
+    weight: Tensor  # W0
+    decode: bool  # whether calls of <= DECODE_MAX_ROWS rows take triton_decode's kernel
+    decode_g: Tensor | None  # that kernel's m / n in float32 (DoRA), None for LoRA
+    magnitude: Tensor | None
+    keep: tuple[Tensor, ...]  # A and B: their storage cannot be reused while the state holds their pointers
+
+
 class FastPath:
     """Backend choice, the kernels' forward and the norm cache, for ``AdapterLayer``."""
 
@@ -56,7 +75,7 @@ class FastPath:
     _norm_cache: tuple[tuple, tuple[Tensor | None, ...]] | None
     _cache_depth: int
     _infer_cache: tuple[tuple, tuple | None] | None = None
-    """The inference pack of _inference_call: (state, (impl, norm, s·A, B, g, W0, A, B, m) or None)."""
+    """The inference pack of _inference_call: (state, _inference_pack's tuple or None)."""
 
     @staticmethod
     def _cache_key(weight: Tensor) -> tuple[int, torch.dtype, torch.device, int]:
@@ -131,36 +150,60 @@ class FastPath:
         is most of an unmerged adapter's cost there. Inside cached_norms(), in eval mode without grad,
         this call is linear_forward itself (the products the Function runs, the same values) without the
         autograd Function, the backend choice or _prepared's key: the pack keeps the backend's choice,
-        what _prepared made and, for "fused" DoRA, g = m / n. It is rebuilt when _inference_state
-        changes (W0, A, B or m written in place or replaced, s, the backend, x's dtype / device,
-        autocast, hooks) and dropped where _norm_cache is (train() / eval(), an optimizer step,
-        refresh_weight_cache(), the block's entry and exit)."""
+        what _prepared made and, for "fused" DoRA, g = m / n. Where the pack allows it (_decode_allowed),
+        calls of at most DECODE_MAX_ROWS rows take the one-launch kernel of triton_decode instead. The
+        pack is rebuilt when _inference_state changes (W0, A, B or m written in place or replaced, s,
+        the backend, x's dtype / device, autocast, hooks) and dropped where _norm_cache is (train() /
+        eval(), an optimizer step, refresh_weight_cache(), the block's entry and exit)."""
         state = self._inference_state(x)
         if state is None:
             return None
         cache = self._infer_cache
         if cache is None or cache[0] != state:
             impl = self._fast_impl(x)
-            pack = None if impl is None or _autocast_dtype(x) is not None else self._inference_pack(impl)
+            pack = None if impl is None or _autocast_dtype(x) is not None else self._inference_pack(impl, x)
             cache = self._infer_cache = (state, pack)
         pack = cache[1]
         if pack is None:
             return None
-        impl, norm, a_s, b_c, g, weight, _, _, magnitude = pack
-        y = linear_forward(x.reshape(-1, x.shape[-1]), weight, self._modules["base_layer"].bias, magnitude, norm,
-                           a_s, b_c, impl, g)[0]
+        impl, norm, a_s, b_c, g, weight, decode, decode_g, magnitude, _ = pack
+        x2 = x.reshape(-1, x.shape[-1])
+        bias = self._modules["base_layer"].bias
+        if decode and x2.shape[0] <= DECODE_MAX_ROWS:
+            from .kernels.triton_decode import decode_linear
+
+            y = decode_linear(x2.contiguous(), weight, a_s, b_c, decode_g, bias)
+        else:
+            y = linear_forward(x2, weight, bias, magnitude, norm, a_s, b_c, impl, g)[0]
         return y.view(*x.shape[:-1], y.shape[-1])
 
-    def _inference_pack(self, impl: str) -> tuple:
-        """(impl, norm, s·A, B, g, W0, A, B, m) for _inference_call; W0, A, B and m are kept so that their
-        storage cannot be reused by a replacement while the pack holds their data pointers."""
+    def _decode_allowed(self, x: Tensor) -> bool:
+        """Whether the pack for ``x`` may use triton_decode's kernel: Triton installed, rank <= DECODE_MAX_RANK,
+        a float16 / bfloat16 / float32 input, contiguous W0, and backend "triton" (on CUDA, or interpreted
+        for tests) or "auto" on CUDA where DECODE_AUTO allows it."""
+        if not (triton_available() and self.rank <= DECODE_MAX_RANK and self.base_layer.weight.is_contiguous()
+                and x.dtype in (torch.float16, torch.bfloat16, torch.float32)):
+            return False
+        if self.backend == "triton":
+            return x.is_cuda or triton_interpreted()
+        return self.backend == "auto" and x.is_cuda and DECODE_AUTO
+
+    def _inference_pack(self, impl: str, x: Tensor) -> InferencePack:
+        """The pack of _inference_call for this adapter and calls like ``x`` (see InferencePack)."""
         weight = self.base_layer.weight
         norm, _, a_s, b_c, _ = self._prepared(impl)
         m = self.magnitude if self.variant == "dora" else None
-        g = None
+        g = decode_g = None
         if m is not None and impl == "fused":
             g = (m.to(norm.dtype) / norm).to(weight.dtype)  # as linear_forward computes it
-        return impl, norm, a_s, b_c, g, weight, self.lora_A, self.lora_B, m
+        decode = self._decode_allowed(x)
+        if decode:
+            if m is not None:
+                from .kernels.triton_dora import norm_from_partials
+
+                decode_g = m.float() / (norm_from_partials(norm) if impl == "triton" else norm.float())
+            a_s, b_c = a_s.contiguous(), b_c.contiguous()
+        return InferencePack(impl, norm, a_s, b_c, g, weight, decode, decode_g, m, (self.lora_A, self.lora_B))
 
     def _fast_forward(self, x: Tensor, impl: str) -> Tensor:
         """LoRA / DoRA through dorakit.adapters.kernels: one autograd Function, the norm a constant."""

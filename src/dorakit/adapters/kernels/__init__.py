@@ -19,6 +19,11 @@ BACKENDS = ("auto", "torch", "fused", "triton")
 """auto: the fastest path that supports the call; torch: the eager reference; fused, triton: dora_linear."""
 
 
+DECODE_MAX_ROWS = 16
+"""The most rows triton_decode's one-launch kernel takes (one tile of 16, tl.dot's smallest)."""
+DECODE_MAX_RANK = 128
+"""The largest rank it takes (one rank tile)."""
+
 _TRITON = importlib.util.find_spec("triton") is not None  # looked up once: torch.compile traces the check
 
 
@@ -33,6 +38,8 @@ def triton_interpreted() -> bool:
 
 
 __all__ = [
+    "DECODE_MAX_RANK",
+    "DECODE_MAX_ROWS",
     "BACKENDS",
     "IMPLS",
     "DoRALinearFunction",
