@@ -233,3 +233,17 @@ def test_auto_takes_the_decode_kernel_only_on_cuda_where_allowed() -> None:
     assert not layer._decode_allowed(x)  # CPU, backend "auto": never (not even interpreted)
     layer.backend = "torch"
     assert not layer._decode_allowed(x)
+
+
+def test_compiled_model_inside_the_block_traces_the_custom_op() -> None:
+    """While torch.compile traces, no pack is kept (the graph takes dorakit's custom op): the compiled
+    model's output inside the block equals the eager one, with no graph break from the pack."""
+    model = _model("dora")
+    x = torch.randn(4, 24)
+    ref = _outside(model, x)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch.no_grad(), dk.cached_norms(model):
+        y = compiled(x)
+        assert model[0]._infer_cache is None
+    torch.testing.assert_close(y, ref, rtol=1e-6, atol=1e-6)

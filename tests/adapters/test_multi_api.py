@@ -259,6 +259,22 @@ def test_generate_with_adapter_names_equals_each_row_alone(llama: nn.Module, num
         assert not torch.allclose(one.scores[0], plain.scores[0], rtol=1e-3, atol=1e-3)
 
 
+def test_generate_builds_each_pack_once_per_call(llama: nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
+    """dk.generate runs inside dk.cached_norms: each module's mixed-batch pack is built once, not per token."""
+    from dorakit.adapters.gathered import GatherPath
+
+    built = []
+    build = GatherPath._build_pack
+    monkeypatch.setattr(GatherPath, "_build_pack", lambda self, dtype: built.append(id(self)) or build(self, dtype))
+    ids = torch.randint(2, 40, (2, 4), generator=torch.Generator().manual_seed(5))
+    llama.eval()
+    with torch.no_grad():
+        dk.generate(llama, ids, adapter_names=["lo", "default"], max_new_tokens=4, min_new_tokens=4, do_sample=False,
+                    pad_token_id=1)
+    routed = sum(1 for _, layer in dk.adapter_layers(llama) if layer.supports_gather)
+    assert routed > 0 and len(built) == routed == len(set(built))
+
+
 def test_generate_rejects_bad_adapter_names(llama: nn.Module) -> None:
     ids = torch.randint(2, 40, (2, 3))
     with pytest.raises(dk.RoutingError, match="one name per prompt"):

@@ -129,9 +129,9 @@ class FastPath:
     def _inference_state(self, x: Tensor) -> tuple | None:
         """What the inference pack depends on, or None where _inference_call does not apply (outside
         cached_norms(), training mode, grad enabled, the cache turned off, magnitude-only, a base weight
-        that is no plain parameter). Read through the modules' dicts: this runs on every decode call."""
+        that is no plain parameter, while torch.compile traces: the traced graph takes the custom op). Read through the modules' dicts: this runs on every decode call."""
         if (self._cache_depth == 0 or self.training or torch.is_grad_enabled() or not self.cache_norm
-                or self.variant == "magnitude"):
+                or self.variant == "magnitude" or torch.compiler.is_compiling()):
             return None
         params = self._parameters
         base = self._modules["base_layer"]

@@ -23,6 +23,7 @@ from .inject import (
     adapter_layers,
     apply_adapters,
 )
+from .fast_path import cached_norms
 from .layers import AdapterLayer
 from .slots import AdapterSlot, RoutingError, swap_adapter
 
@@ -254,7 +255,8 @@ def generate(model: nn.Module, *args: object, adapter_names: Sequence[str | None
     name per prompt, None (or PEFT's "__base__") for the base model. Each name is repeated for the rows
     ``generate`` makes of its prompt (max(num_beams, num_return_sequences) of them, from the kwargs or the
     model's generation config), so each prompt's output is the one its adapter alone gives it.
-    Decoder-only models (an encoder-decoder's encoder sees the unrepeated batch)."""
+    Decoder-only models (an encoder-decoder's encoder sees the unrepeated batch). Runs inside
+    ``dk.cached_norms(model)``: the adapters' packs and DoRA norms are built once per call, not per token."""
     if isinstance(adapter_names, str):
         raise RoutingError(f"adapter_names must be a list with one name per prompt, got the string {adapter_names!r}.")
     config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
@@ -262,5 +264,5 @@ def generate(model: nn.Module, *args: object, adapter_names: Sequence[str | None
     returns = kwargs.get("num_return_sequences") or getattr(config, "num_return_sequences", 1) or 1
     repeat = max(int(beams), int(returns))
     names = [None if n == BASE_ALIAS else n for n in adapter_names for _ in range(repeat)]
-    with adapter_routing(model, names):
+    with adapter_routing(model, names), cached_norms(model):
         return model.generate(*args, **kwargs)

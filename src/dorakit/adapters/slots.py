@@ -118,7 +118,7 @@ class MultiAdapter(GatherPath):
             raise ValueError(f"this module already holds an adapter named {name!r}.")
         if "adapters" not in self._modules:
             self.adapters = nn.ModuleDict()
-        self.adapters[name] = slot
+        self.adapters[name] = slot.train(self.training)  # the wrapper's train / eval mode (a new module starts in training mode)
         self.refresh_multi()
 
     def remove_slot(self, name: str) -> AdapterSlot:
