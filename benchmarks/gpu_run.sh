@@ -8,6 +8,7 @@
 #     STEP=qdora bash benchmarks/gpu_run.sh      # NF4 base, 8B-layer shape: dorakit QDoRA / DoRA vs PEFT QDoRA / QLoRA
 #     STEP=headline bash benchmarks/gpu_run.sh   # the README's headline table (the training loop, 1B shape)
 #     STEP=multi bash benchmarks/gpu_run.sh      # many adapters on one base: generate(), 1B and 8B, DoRA and LoRA
+#     STEP=decode bash benchmarks/gpu_run.sh     # batch-1 decoding, one unmerged adapter: the decode kernel vs auto
 #     STEP=qdora2 bash benchmarks/gpu_run.sh     # 2 GPUs: QDoRA 8B under FSDP2, 1 vs 2 processes, params --memory, NCCL tests
 # STEP may name several, comma-separated (STEP=tests,eager); each runs in turn, logged to $OUT/<step>.log.
 set -uo pipefail
@@ -46,8 +47,14 @@ headline)
     run python benchmarks/bench_train_loop.py --preset llama-1b --rounds 3 --steps 15 ;;
 multi)
     run python -m pytest -q -p no:cacheprovider tests/adapters/test_gathered.py -x --timeout 240
-    run python benchmarks/bench_multi_adapter.py --device cuda --presets llama-1b,llama-8b --methods dora,lora \
-        --batches 1,32 --new-tokens 64 ;;
+    run python benchmarks/bench_multi_adapter.py --device cuda --presets llama-1b --methods dora,lora \
+        --batches 1,32 --new-tokens 64 --repeats 3
+    run python benchmarks/bench_multi_adapter.py --device cuda --presets llama-8b --methods dora,lora \
+        --batches 1,32 --new-tokens 64 --repeats 2 ;;
+decode)
+    run python -m pytest -q -p no:cacheprovider tests/adapters/test_inference_call.py -x --timeout 240
+    run python benchmarks/bench_decode.py --device cuda --preset llama-1b --rounds 3
+    run python benchmarks/bench_decode.py --device cuda --preset llama-8b --rounds 2 --parts model ;;
 qdora2)  # two GPUs (issue 27): QDoRA 8B with FSDP2 on 1 and 2 processes, same global batch; the NCCL tests
     for n in 1 2; do run python -m dorakit params --model llama3-8b --method dora --rank 16 --targets all-linear \
         --memory --base nf4 --gpus $n --batch-size 1 --seq-len 2048 || true; done
@@ -55,6 +62,6 @@ qdora2)  # two GPUs (issue 27): QDoRA 8B with FSDP2 on 1 and 2 processes, same g
         --same-global-batch --steps 12
     run python -m pytest -q -p no:cacheprovider -m gpu tests/training/test_distributed.py tests/training/test_distributed_quant.py \
         --timeout 300 ;;
-*) echo "STEP must be tests, rank, compile, compile8b, eager, qdora, headline, multi or qdora2" >&2; exit 2 ;;
+*) echo "STEP must be tests, rank, compile, compile8b, eager, qdora, headline, multi, decode or qdora2" >&2; exit 2 ;;
 esac
 done

@@ -38,7 +38,7 @@ TRITON_AUTO_MAX_RANK = 128
 """The largest rank at which backend="auto" picks the Triton path for DoRA; above it "auto" runs the fused
 path (cuBLAS products, the direct row-block norm). Measured (H100, torch 2.11, llama-8b-4l, 1 x 4096, bf16,
 all seven projections, commit 7efa872): the Triton step took 883.8 / 1290.0 / 1695.7 ms at r = 256 / 384
-/ 512 against PEFT DoRA's 171.5 / 200.5 / 232.5 ms; the fused path (commit 7393982) 120.2 / 127.6 / 148.8 ms
+/ 512 against PEFT DoRA's 171.5 / 200.5 / 232.5 ms; the fused path (commit 47259b2) 120.2 / 127.6 / 148.8 ms
 against PEFT DoRA's 170.4 / 200.3 / 232.3 (docs/speed.md, "High rank"). backend="triton" still takes ranks
 up to TRITON_MAX_RANK."""
 
