@@ -54,7 +54,9 @@ multi)
 decode)
     run python -m pytest -q -p no:cacheprovider tests/adapters/test_inference_call.py -x --timeout 240
     run python benchmarks/bench_decode.py --device cuda --preset llama-1b --rounds 3
-    run python benchmarks/bench_decode.py --device cuda --preset llama-8b --rounds 2 --parts model ;;
+    run python benchmarks/bench_decode.py --device cuda --preset llama-8b --rounds 2 --parts model
+    run python benchmarks/bench_multi_adapter.py --device cuda --presets llama-1b --methods dora,lora \
+        --batches 1,32 --repeats 3 --no-peft --backend triton ;;
 qdora2)  # two GPUs (issue 27): QDoRA 8B with FSDP2 on 1 and 2 processes, same global batch; the NCCL tests
     for n in 1 2; do run python -m dorakit params --model llama3-8b --method dora --rank 16 --targets all-linear \
         --memory --base nf4 --gpus $n --batch-size 1 --seq-len 2048 || true; done

@@ -108,10 +108,21 @@ def test_dvora_rows_equal_alone() -> None:
 
 
 @needs_triton
+@pytest.mark.parametrize("decode", [False, True])
 @pytest.mark.parametrize("shape", [(6, 1, 24), (6, 5, 24)])
-def test_triton_kernel_equals_torch_path(shape: tuple[int, ...]) -> None:
-    """float32: the kernel's h = x (sA)ᵀ sums <= 40 terms, its epilogue one product and one fma per entry,
-    both IEEE float32 (u = 6e-8), against the torch path's different summation order: 1e-5 relative."""
+def test_triton_kernel_equals_torch_path(shape: tuple[int, ...], decode: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """float32: the kernels' h = x (sA)ᵀ sums <= 40 terms, their epilogues one product and one fma per entry,
+    all IEEE float32 (u = 6e-8), against the torch path's different summation order: 1e-5 relative. Both
+    Triton paths: the gathered kernels (base product by cuBLAS) and, for <= DECODE_MAX_ROWS rows, the
+    one-launch decode kernel (kernels/triton_decode.py)."""
+    from dorakit.adapters import gathered
+    from dorakit.adapters.kernels import triton_decode
+
+    if not decode:
+        monkeypatch.setattr(gathered, "DECODE_MAX_ROWS", 0)
+    calls = []
+    kernel = triton_decode.decode_linear
+    monkeypatch.setattr(triton_decode, "decode_linear", lambda *a: calls.append(a[0].shape) or kernel(*a))
     _, model = build(torch.float32)
     model.to(DEVICE)
     x = torch.randn(shape, device=DEVICE)
@@ -122,6 +133,8 @@ def test_triton_kernel_equals_torch_path(shape: tuple[int, ...]) -> None:
         assert model.up._gather_impl(torch.randn(6, 24, device=DEVICE)) == "triton"
         got = model(x)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    routed = [layer for _, layer in dk.adapter_layers(model) if layer.supports_gather]
+    assert len(calls) == (len(routed) if decode else 0) and all(c[0] == shape[0] * shape[1] for c in calls)
 
 
 @needs_triton

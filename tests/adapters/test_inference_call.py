@@ -159,45 +159,69 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 REL_TOL = {torch.float32: 1e-5, torch.float16: 4 * 2.0**-11, torch.bfloat16: 4 * 2.0**-8}
 
 
-def _decode_reference(x: Tensor, W: Tensor, A: Tensor, B: Tensor, g: Tensor | None, bias: Tensor | None) -> Tensor:
-    """float64, with h rounded to x's dtype as the kernel (and F.linear) rounds it."""
-    d = torch.float64
-    h = (x.to(d) @ A.to(d).T).to(x.dtype).to(d)
-    y = x.to(d) @ W.to(d).T + h @ B.to(d).T
-    y = y if g is None else y * g.to(d)
+def _decode_reference(x: Tensor, W: Tensor, A: Tensor, B: Tensor, g: Tensor | None, bias: Tensor | None,
+                      seg: Tensor) -> Tensor:
+    """float64, row i through slot seg[i] of the packs A (S, R, K), B (S, N, R), g (S, N); h rounded to
+    x's dtype as the kernel (and F.linear) rounds it."""
+    d, idx = torch.float64, seg.long()
+    h = torch.einsum("mk,mrk->mr", x.to(d), A[idx].to(d)).to(x.dtype).to(d)
+    y = x.to(d) @ W.to(d).T + torch.einsum("mr,mnr->mn", h, B[idx].to(d))
+    y = y if g is None else y * g[idx].to(d)
     return y if bias is None else y + bias.to(d)
 
 
-def _check_decode(dtype: torch.dtype, rows: int, n: int, k: int, r: int, dora: bool, bias: bool) -> None:
+def _check_decode(dtype: torch.dtype, rows: int, n: int, k: int, r: int, dora: bool, bias: bool,
+                  slots: int = 1) -> None:
+    """decode_linear against float64: one adapter (2-D A, B, no seg) or a pack of ``slots`` with each row's slot."""
     from dorakit.adapters.kernels.triton_decode import decode_linear
 
-    gen = torch.Generator().manual_seed(rows * 1000 + n + r)
+    gen = torch.Generator().manual_seed(rows * 1000 + n + r + slots)
     def make(*shape: int, scale: float = 1.0) -> Tensor:
         return (torch.randn(*shape, generator=gen) * scale).to(device=DEVICE, dtype=dtype)
-    x, W, A, B = make(rows, k), make(n, k, scale=k**-0.5), make(r, k, scale=k**-0.5), make(n, r, scale=0.1)
-    g = (torch.rand(n, generator=gen) + 0.5).to(DEVICE) if dora else None
+    x, W = make(rows, k), make(n, k, scale=k**-0.5)
+    A, B = make(slots, r, k, scale=k**-0.5), make(slots, n, r, scale=0.1)
+    g = (torch.rand(slots, n, generator=gen) + 0.5).to(DEVICE) if dora else None
     b = make(n) if bias else None
-    y = decode_linear(x, W, A, B, g, b)
-    ref = _decode_reference(x, W, A, B, g, b)
+    seg = torch.randint(0, slots, (rows,), generator=gen, dtype=torch.int32).to(DEVICE)
+    if slots == 1:
+        y = decode_linear(x, W, A[0], B[0], None if g is None else g[0], b)
+    else:
+        y = decode_linear(x, W, A, B, g, b, seg)
+    ref = _decode_reference(x, W, A, B, g, b, seg)
     assert y.shape == (rows, n) and y.dtype == dtype
     err = (y.double() - ref).abs().max().item()
-    assert err <= REL_TOL[dtype] * ref.abs().max().item(), (dtype, rows, n, k, r, err)
+    assert err <= REL_TOL[dtype] * ref.abs().max().item(), (dtype, rows, n, k, r, slots, err)
 
 
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("rows,n,k,r,dora,bias", [(1, 70, 200, 12, True, True), (5, 64, 128, 16, False, False),
-                                                  (16, 33, 129, 5, True, False), (2, 96, 64, 128, False, True)])
+@pytest.mark.parametrize("rows,n,k,r,dora,bias,slots", [
+    (1, 70, 200, 12, True, True, 1), (5, 64, 128, 16, False, False, 1), (16, 33, 129, 5, True, False, 1),
+    (2, 96, 64, 128, False, True, 1),
+    (32, 33, 129, 16, True, True, 9),  # 8 adapters + "none": 144 stacked ranks, two passes of 128
+    (64, 50, 96, 8, True, False, 20), (3, 40, 64, 64, False, True, 3)])
 def test_decode_kernel_matches_float64(dtype: torch.dtype, rows: int, n: int, k: int, r: int, dora: bool,
-                                       bias: bool) -> None:
-    _check_decode(dtype, rows, n, k, r, dora, bias)
+                                       bias: bool, slots: int) -> None:
+    _check_decode(dtype, rows, n, k, r, dora, bias, slots)
+
+
+def test_decode_kernel_rejects_what_it_cannot_take() -> None:
+    pytest.importorskip("triton")
+    from dorakit.adapters.kernels.triton_decode import decode_linear
+
+    x, W = torch.randn(65, 8, device=DEVICE), torch.randn(6, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="at most 64 rows"):
+        decode_linear(x, W, torch.randn(2, 8, device=DEVICE), torch.randn(6, 2, device=DEVICE), None, None)
+    with pytest.raises(ValueError, match="needs seg"):
+        decode_linear(x[:2], W, torch.randn(3, 2, 8, device=DEVICE), torch.randn(3, 6, 2, device=DEVICE), None, None)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("rows,n,k,r", [(1, 2048, 2048, 16), (16, 5632, 2048, 64), (3, 4096, 14336, 128)])
-def test_gpu_decode_kernel_bfloat16(rows: int, n: int, k: int, r: int) -> None:
-    _check_decode(torch.bfloat16, rows, n, k, r, dora=True, bias=True)
+@pytest.mark.parametrize("rows,n,k,r,slots", [(1, 2048, 2048, 16, 1), (16, 5632, 2048, 64, 1),
+                                              (3, 4096, 14336, 128, 1), (32, 4096, 4096, 16, 9)])
+def test_gpu_decode_kernel_bfloat16(rows: int, n: int, k: int, r: int, slots: int) -> None:
+    _check_decode(torch.bfloat16, rows, n, k, r, dora=True, bias=True, slots=slots)
 
 
 @needs_triton

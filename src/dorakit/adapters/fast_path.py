@@ -178,11 +178,12 @@ class FastPath:
             y = linear_forward(x2, weight, bias, magnitude, norm, a_s, b_c, impl, g)[0]
         return y.view(*x.shape[:-1], y.shape[-1])
 
-    def _decode_allowed(self, x: Tensor) -> bool:
-        """Whether the pack for ``x`` may use triton_decode's kernel: Triton installed, rank <= DECODE_MAX_RANK,
-        a float16 / bfloat16 / float32 input, contiguous W0, and backend "triton" (on CUDA, or interpreted
-        for tests) or "auto" on CUDA where DECODE_AUTO allows it."""
-        if not (triton_available() and self.rank <= DECODE_MAX_RANK and self.base_layer.weight.is_contiguous()
+    def _decode_allowed(self, x: Tensor, rank: int | None = None) -> bool:
+        """Whether calls like ``x`` may take triton_decode's kernel: Triton installed, ``rank`` (default: the
+        adapter's) <= DECODE_MAX_RANK, a float16 / bfloat16 / float32 input, contiguous W0, and backend
+        "triton" (on CUDA, or interpreted for tests) or "auto" on CUDA where DECODE_AUTO allows it."""
+        rank = self.rank if rank is None else rank
+        if not (triton_available() and rank <= DECODE_MAX_RANK and self.base_layer.weight.is_contiguous()
                 and x.dtype in (torch.float16, torch.bfloat16, torch.float32)):
             return False
         if self.backend == "triton":

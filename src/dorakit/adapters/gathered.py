@@ -16,7 +16,9 @@ Two implementations, chosen per call by ``GatherPath._gather_impl`` (explicit, n
   x_rows W0ᵀ += h B_iᵀ (index_add), then one gathered multiply by g[seg] and the bias. Any device
   and float dtype; float64 on CPU is the reference the tests hold it to.
 * ``"triton"``: kernels/triton_gather.py, the gathered (BGMV / SGMV) low-rank product and the epilogue
-  in two launches, over a pack of every adapter padded to the largest rank (zeros add nothing).
+  in two launches, over a pack of every adapter padded to the largest rank (zeros add nothing). Calls
+  of at most DECODE_MAX_ROWS rows take kernels/triton_decode.py instead where ``_decode_allowed`` says so
+  (backend "triton"; "auto" once fast_path.DECODE_AUTO is set): the base product too, in one launch.
 
 The pack (s_i A_i, B_i, g_i of every adapter on the module) is rebuilt on every call, except inside
 ``dk.cached_norms(model)`` where it is kept while a key of every tensor it reads (version counters,
@@ -33,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .fast_path import _autocast_dtype, _has_hooks
-from .kernels import triton_available, triton_interpreted
+from .kernels import DECODE_MAX_ROWS, triton_available, triton_interpreted
 
 GATHER_MAX_RANK = 128
 """The largest rank the gathered Triton kernels take (kernels/triton_gather.py); above it "auto" runs the
@@ -164,8 +166,16 @@ class GatherPath:
         pack = self._pack(x.dtype)
         seg, groups = self._segments(pack.names, x.device)
         x3 = x.reshape(x.shape[0], -1, x.shape[-1])                              # (Bt, T, in)
-        base = self._base(x3)                                                    # (Bt, T, out)
         bias = getattr(self.base_layer, "bias", None)
+        rows = x3.shape[0] * x3.shape[1]
+        if impl == "triton" and rows <= DECODE_MAX_ROWS and self._decode_allowed(x, self._max_rank()):
+            from .kernels.triton_decode import decode_linear  # one launch: base, every row's adapter, scale, bias
+
+            row_seg = seg if x3.shape[1] == 1 else seg.repeat_interleave(x3.shape[1])
+            y = decode_linear(x3.reshape(rows, -1).contiguous(), self.base_layer.weight, pack.a, pack.b,
+                              pack.g.float(), bias, row_seg)
+            return y.view(*x.shape[:-1], y.shape[-1])
+        base = self._base(x3)                                                    # (Bt, T, out)
         if impl == "triton":
             from .kernels.triton_gather import gathered_linear
 

@@ -19,8 +19,8 @@ BACKENDS = ("auto", "torch", "fused", "triton")
 """auto: the fastest path that supports the call; torch: the eager reference; fused, triton: dora_linear."""
 
 
-DECODE_MAX_ROWS = 16
-"""The most rows triton_decode's one-launch kernel takes (one tile of 16, tl.dot's smallest)."""
+DECODE_MAX_ROWS = 64
+"""The most rows triton_decode's one-launch kernel takes (one row tile; a decode step's batch)."""
 DECODE_MAX_RANK = 128
 """The largest rank it takes (one rank tile)."""
 
