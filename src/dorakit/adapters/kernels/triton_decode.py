@@ -30,6 +30,14 @@ MAX_BLOCK_SR = 128
 
 
 @triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    """a @ b in float32: IEEE float32 for float32 operands, tensor cores for half ones."""
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
 def _h_pass(X, A, rm, rj, M, K, SR, acc_h, IEEE: tl.constexpr, BLOCK_K: tl.constexpr):
     """acc_h + x (A rows rj)ᵀ over all of K: (BLOCK_M, BLOCK_SR) float32."""
     for k0 in range(0, K, BLOCK_K):
@@ -37,10 +45,7 @@ def _h_pass(X, A, rm, rj, M, K, SR, acc_h, IEEE: tl.constexpr, BLOCK_K: tl.const
         kmask = rk[None, :] < K
         x = tl.load(X + rm[:, None] * K + rk[None, :], mask=(rm[:, None] < M) & kmask, other=0.0)
         a = tl.load(A + rj[:, None] * K + rk[None, :], mask=(rj[:, None] < SR) & kmask, other=0.0)
-        if IEEE:
-            acc_h += tl.dot(x, tl.trans(a), input_precision="ieee")
-        else:
-            acc_h += tl.dot(x, tl.trans(a))
+        acc_h += _dot(x, tl.trans(a), IEEE)
     return acc_h
 
 
@@ -50,10 +55,7 @@ def _lora_pass(acc, acc_h, B, slot_of_row, rj, rn, N, R, SR, IEEE: tl.constexpr)
     own = (rj[None, :] // R == slot_of_row[:, None]) & (rj[None, :] < SR)
     b = tl.load(B + (rj[:, None] // R) * N * R + rn[None, :] * R + rj[:, None] % R,
                 mask=(rj[:, None] < SR) & (rn[None, :] < N), other=0.0)          # (BLOCK_SR, BLOCK_N)
-    h = tl.where(own, acc_h, 0.0).to(b.dtype)
-    if IEEE:
-        return acc + tl.dot(h, b, input_precision="ieee")
-    return acc + tl.dot(h, b)
+    return acc + _dot(tl.where(own, acc_h, 0.0).to(b.dtype), b, IEEE)
 
 
 @triton.jit
@@ -76,12 +78,8 @@ def _decode_kernel(X, W, A, B, G, SEG, BIAS, Y, M, N, K, R, SR, HAS_G: tl.conste
         x = tl.load(X + rm[:, None] * K + rk[None, :], mask=(rm[:, None] < M) & kmask, other=0.0)
         w = tl.load(W + rn[:, None] * K + rk[None, :], mask=(rn[:, None] < N) & kmask, other=0.0)
         a = tl.load(A + rj[:, None] * K + rk[None, :], mask=(rj[:, None] < SR) & kmask, other=0.0)
-        if IEEE:
-            acc += tl.dot(x, tl.trans(w), input_precision="ieee")
-            acc_h += tl.dot(x, tl.trans(a), input_precision="ieee")
-        else:
-            acc += tl.dot(x, tl.trans(w))
-            acc_h += tl.dot(x, tl.trans(a))
+        acc += _dot(x, tl.trans(w), IEEE)
+        acc_h += _dot(x, tl.trans(a), IEEE)
     acc = _lora_pass(acc, acc_h, B, slot_of_row, rj, rn, N, R, SR, IEEE)
     for j0 in range(BLOCK_SR, SR, BLOCK_SR):  # further stacked ranks (many adapters): h only
         rj2 = j0 + tl.arange(0, BLOCK_SR)
