@@ -34,10 +34,12 @@ PRESETS = {  # hidden, intermediate, layers, heads, kv heads, batch, seq
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # dorakit-dora runs backend="auto" (triton on CUDA, fused on CPU); -fused / -torch force a backend.
 # peft-*-nocast: PEFT with autocast_adapter_dtype=False (adapters in the base's bf16, not fp32).
-# *-qlora / *-qdora: the seven projections quantized to NF4 (double quantization, bf16 compute) by
-# dorakit.adapters.quant.quantize_model first, the same bitsandbytes Linear4bit layers for both tools.
+# *-qlora / *-qdora: the seven projections quantized to NF4 (double quantization, the model's compute dtype) by
+# dorakit.adapters.quant.quantize_model first, the same bitsandbytes Linear4bit layers for both tools;
+# dorakit-qdora-fused / -triton: W0 dequantized once per forward for the norm and the product.
 METHODS = ["frozen", "dorakit-lora", "peft-lora", "dorakit-dora", "peft-dora"]
-QUANT_METHODS = ["dorakit-qdora", "dorakit-qlora", "peft-qdora", "peft-qlora"]
+QUANT_METHODS = ["dorakit-qdora", "dorakit-qlora", "peft-qdora", "peft-qlora", "dorakit-qdora-fused",
+                 "dorakit-qdora-triton", "dorakit-qlora-fused"]
 ALL_METHODS = METHODS + ["dorakit-dora-fused", "dorakit-dora-torch", "peft-lora-nocast", "peft-dora-nocast"] + QUANT_METHODS
 
 
@@ -66,7 +68,8 @@ def wrap(model: torch.nn.Module, method: str, rank: int) -> torch.nn.Module:
     if parts[1] in ("qlora", "qdora"):
         from dorakit.adapters.quant import quantize_model
 
-        quantize_model(model, TARGETS, bits=4, quant_type="nf4", double_quant=True, compute_dtype=torch.bfloat16)
+        quantize_model(model, TARGETS, bits=4, quant_type="nf4", double_quant=True,
+                       compute_dtype=next(model.parameters()).dtype)  # bf16 on CUDA, float32 on the CPU
         parts[1] = parts[1][1:]
     if parts[0] == "dorakit":
         backend = parts[2] if len(parts) > 2 else "auto"

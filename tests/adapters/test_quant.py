@@ -45,7 +45,7 @@ def bnb():
 
 
 def make_pair(variant: str, bias: bool = True, dtype: torch.dtype = torch.float32, *, norm_grad: str = "detach",
-              seed: int = 0, **quant_kw: object) -> tuple[Linear4bitAdapter, LinearAdapter, Tensor]:
+              seed: int = 0, backend: str = "auto", **quant_kw: object) -> tuple[Linear4bitAdapter, LinearAdapter, Tensor]:
     """A 4-bit adapter, its dense twin in float64 on an nn.Linear holding dequant(Q), and an input.
 
     Both share A (and B, m) perturbed away from their init, so DoRA's direction and scale matter.
@@ -58,7 +58,7 @@ def make_pair(variant: str, bias: bool = True, dtype: torch.dtype = torch.float3
             dense.bias.copy_(torch.randn(OUT, generator=g))
     dense = dense.to(dtype).requires_grad_(False)
     q = quantize_linear(dense, compute_dtype=dtype, **quant_kw)
-    layer = Linear4bitAdapter(q, variant, RANK, ALPHA, norm_grad=norm_grad)
+    layer = Linear4bitAdapter(q, variant, RANK, ALPHA, norm_grad=norm_grad, backend=backend)
     twin_base = nn.Linear(IN, OUT, bias=bias, dtype=F64).requires_grad_(False)
     with torch.no_grad():
         twin_base.weight.copy_(dequantize_weight(q))
@@ -189,12 +189,16 @@ def test_streamed_norm_is_the_dense_norm_without_a_dense_copy(bnb, device: str) 
 
 # ---- memory: no dense copy of W0 outlives a step -------------------------------------------------
 
-@pytest.mark.parametrize("norm_grad", ["detach", "exact"])
+@pytest.mark.parametrize("norm_grad,backend", [("detach", "auto"), ("exact", "auto"), ("detach", "fused")])
 @pytest.mark.parametrize("variant", ["dora", "lora", "magnitude"])
-def test_no_dense_copy_of_the_weight_outlives_forward_or_backward(bnb, variant: str, norm_grad: str) -> None:
+def test_no_dense_copy_of_the_weight_outlives_forward_or_backward(bnb, variant: str, norm_grad: str,
+                                                                  backend: str) -> None:
     """The per-step norm dequantizes W0 transiently (the largest tensor made is one dense W0, (out, in)
-    float32), and autograd keeps nothing of that size for backward, nor after it."""
-    layer, _, x = make_pair(variant, norm_grad=norm_grad)
+    float32), and autograd keeps nothing of that size for backward, nor after it; backend "fused" too
+    (DequantizedLinearFunction dequantizes again in backward instead of saving W0)."""
+    if backend == "fused" and variant == "magnitude":
+        pytest.skip("magnitude-only has no fused path")
+    layer, _, x = make_pair(variant, norm_grad=norm_grad, backend=backend)
     x = x.requires_grad_(True)
     dense_bytes = OUT * IN * 4
     with Allocations(OUT * IN) as forward:
@@ -284,9 +288,63 @@ def test_dispatch_wraps_linear4bit_and_all_linear_finds_it(bnb, make_tiny) -> No
 
 
 def test_fused_backends_are_refused_with_a_reason(bnb) -> None:
+    """backend "fused" / "triton" on a 4-bit base: LoRA and DoRA with the detached norm only; at run time,
+    an input in W0's dtype without dropout in training; auto keeps the eager path on the CPU."""
     q = quantize_linear(nn.Linear(IN, OUT), compute_dtype=torch.float32)
-    with pytest.raises(ValueError, match="only nn.Linear adapters have it"):
-        Linear4bitAdapter(q, "dora", RANK, ALPHA, backend="fused")
+    with pytest.raises(ValueError, match="norm_grad='exact'"):
+        Linear4bitAdapter(q, "dora", RANK, ALPHA, backend="fused", norm_grad="exact")
+    with pytest.raises(ValueError, match="variant='magnitude'"):
+        Linear4bitAdapter(q, "magnitude", RANK, ALPHA, backend="fused")
+    layer, _, x = make_pair("dora", backend="fused")
+    with pytest.raises(RuntimeError, match="needs all three equal"):
+        layer(x.double())
+    dropped = Linear4bitAdapter(quantize_linear(nn.Linear(IN, OUT), compute_dtype=torch.float32), "dora", RANK,
+                                ALPHA, backend="fused", dropout=0.1)
+    with pytest.raises(RuntimeError, match="dropout"):
+        dropped(torch.randn(2, IN))
+    dropped.eval()
+    dropped(torch.randn(2, IN))                                  # eval mode: no dropout, the path runs
+    auto, _, x = make_pair("dora")
+    assert auto._quant_impl(x) is None and not quant.QUANT_FUSED_AUTO
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("backend", ["fused", "triton"])
+@pytest.mark.parametrize("variant", ["lora", "dora"])
+def test_fused_backends_match_dense_adapter(bnb, variant: str, backend: str, bias: bool,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """backend "fused" / "triton" (kernels.dora_linear.DequantizedLinearFunction; Triton under the
+    interpreter on the CPU): the same DoRA / LoRA on dequant(Q) as the eager path, and it is the path
+    that runs (one dequantization in forward, one in backward for ∂L/∂x)."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    layer, twin, x = make_pair(variant, bias, backend=backend)
+    assert layer._quant_impl(x) == backend
+    calls = []
+    whole = quant.dequantize_weight
+    monkeypatch.setattr(quant, "dequantize_weight", lambda linear: calls.append("whole") or whole(linear))
+    assert_matches_twin(layer, twin, x, TOL[torch.float32])
+    assert calls == ["whole", "whole"]
+
+
+@pytest.mark.parametrize("variant", ["lora", "dora"])
+def test_fused_backend_in_bfloat16_is_the_dense_fused_path(bnb, variant: str) -> None:
+    """A bf16 model: backend "fused" on the 4-bit base computes what backend "fused" computes on a dense
+    bf16 nn.Linear holding dequant(Q) (A and B cast to bf16 for the products, as on the dense layer),
+    to the same bits (the Triton interpreter's bfloat16 dot is wrong: "triton" in bf16 is left to the gpu tests)."""
+    layer, _, x = make_pair(variant, dtype=torch.bfloat16, backend="fused")
+    twin_base = nn.Linear(IN, OUT, dtype=torch.bfloat16).requires_grad_(False)
+    with torch.no_grad():
+        twin_base.weight.copy_(dequantize_weight(layer.base_layer))
+        twin_base.bias.copy_(layer.base_layer.bias)
+    twin = LinearAdapter(twin_base, variant, RANK, ALPHA, backend="fused")
+    with torch.no_grad():
+        for name, p in layer.named_parameters(recurse=False):
+            getattr(twin, name).copy_(p)
+    y, g = grads(layer, x)
+    y_ref, g_ref = grads(twin, x)
+    assert y.dtype == torch.bfloat16 and y.equal(y_ref)
+    assert set(g) == set(g_ref) and all(g[name].equal(g_ref[name]) for name in g)
 
 
 def test_merge_in_place_is_refused_and_merge_and_unload_exports_dense(bnb, make_tiny, perturb) -> None:
@@ -421,3 +479,33 @@ def test_parameter_counts_use_the_unpacked_size(bnb, make_tiny) -> None:
     dk.quantize_model(tiny.model)
     assert sum(p.numel() for p in tiny.model.parameters()) < dense_total      # packed storage
     assert dk.count_parameters(tiny.model)[1] == dense_total
+
+
+@pytest.mark.parametrize("variant", ["lora", "dora"])
+def test_mixed_batch_rows_equal_each_adapter_alone(bnb, variant: str) -> None:
+    """Named adapters on a 4-bit layer route a mixed batch: each row equals its adapter alone, and a row
+    without one equals the base product (bitsandbytes', not Linear4bit.forward)."""
+    gen = torch.Generator().manual_seed(9)
+    model = nn.Sequential(quantize_linear(nn.Linear(IN, OUT), compute_dtype=torch.float32))
+    config = dk.AdapterConfig(method=variant, rank=RANK, alpha=ALPHA, targets=["0"])
+    dk.apply_adapters(model, config)
+    dk.add_adapter(model, config, name="b")
+    layer = model[0]
+    with torch.no_grad():
+        for name in ("default", "b"):
+            with layer.bound(name):
+                layer.lora_B.copy_(0.4 * torch.randn(layer.lora_B.shape, generator=gen))
+    model.eval()
+    x = torch.randn(3, IN, generator=gen)
+    with torch.no_grad():
+        with dk.adapter_routing(model, ["default", "b", None]):
+            mixed = model(x)
+        alone = []
+        for name in ("default", "b"):
+            dk.set_adapter(model, name)
+            alone.append(model(x))
+        base = quant.matmul_4bit(layer.base_layer, x, layer.base_layer.bias)
+    torch.testing.assert_close(mixed[0], alone[0][0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(mixed[1], alone[1][1], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(mixed[2], base[2], rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(alone[0][1], alone[1][1], rtol=1e-3, atol=1e-3)  # the adapters differ

@@ -35,6 +35,7 @@ bitsandbytes is imported only when a quantized layer is built or found (importin
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 from collections.abc import Iterator, Sequence
@@ -45,10 +46,16 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.utils.checkpoint import checkpoint
 
+from .fast_path import TRITON_AUTO_MAX_RANK, _autocast_dtype
 from .functional import dora_norm, safe_sqrt
+from .kernels import triton_available, triton_interpreted
+from .kernels.dora_linear import DequantizedLinearFunction
 from .layers import AdapterLayer, AdapterStateError
 
 INSTALL_HINT = "pip install bitsandbytes  (or: pip install 'dorakit[quant]')"
+QUANT_FUSED_AUTO = False
+"""Whether backend="auto" runs a 4-bit base's LoRA / DoRA through DequantizedLinearFunction on CUDA (see
+Linear4bitAdapter); off until that path is timed on a GPU. backend="fused" / "triton" take it where it can run."""
 QUANT_TYPES = ("nf4", "fp4")
 
 
@@ -270,10 +277,18 @@ class QuantizedLinearAdapter(AdapterLayer):
     def forward(self, x: Tensor) -> Tensor:
         if self.disabled:
             return self._matmul(x, self.base_layer.bias)
-        if self.variant == "lora":
+        return super().forward(x)  # the own adapter, or the routed forward (slots.py), through _single_forward
+
+    def _plain_forward(self, x: Tensor) -> Tensor:
+        """The base layer's output (rows without an adapter): bitsandbytes' product, not Linear4bit.forward
+        (which writes to the module; see matmul_4bit)."""
+        return self._matmul(x, self.base_layer.bias)
+
+    def _single_forward(self, x: Tensor) -> Tensor:
+        if self.variant == "lora":  # the base product through _matmul (see _plain_forward)
             y = self._matmul(x, self.base_layer.bias)
             return (y + self.scaling * self._lora(self.lora_dropout(x))).to(y.dtype)
-        return super().forward(x)  # DoRA / magnitude: AdapterLayer's eager path through _base and _norm
+        return super()._single_forward(x)  # DoRA / magnitude: AdapterLayer's eager path through _base and _norm
 
     def merge(self, name: str | None = None) -> None:
         raise AdapterStateError(_no_in_place(self.bits))
@@ -300,12 +315,76 @@ class QuantizedLinearAdapter(AdapterLayer):
 
 
 class Linear4bitAdapter(QuantizedLinearAdapter):
-    """QLoRA / QDoRA over a bitsandbytes ``Linear4bit`` (NF4 / FP4)."""
+    """QLoRA / QDoRA over a bitsandbytes ``Linear4bit`` (NF4 / FP4).
+
+    Two paths. The eager one (backend "torch", and "auto" while QUANT_FUSED_AUTO is off): bitsandbytes'
+    product, the norm streamed over blocks of dequantized rows, DoRA's combination as in AdapterLayer.
+    Backend "fused" / "triton": one autograd Function (kernels.dora_linear.DequantizedLinearFunction)
+    that dequantizes W0 once in forward for both the norm and the product (x W0ᵀ on the dense W0, as
+    bitsandbytes computes it for more than a few rows) and once more in backward, the rest as DoRA on a
+    dense layer; no dense W0 is kept between forward and backward. It runs where the input is in W0's
+    dtype (the dtype it was quantized from, and bitsandbytes' compute dtype), without autocast, and
+    not while dropout is active in training.
+    """
 
     bits = 4
 
     def _matmul(self, x: Tensor, bias: Tensor | None) -> Tensor:
         return matmul_4bit(self.base_layer, x, bias)
+
+    def _fast_impl(self, x: Tensor) -> str | None:
+        return None  # FastPath's paths read a dense base_layer.weight; this layer's own is _quant_impl
+
+    def _static_unsupported(self, impl: str) -> str | None:
+        if self.variant == "magnitude":
+            return "it implements LoRA and DoRA, not variant='magnitude'"
+        if self.variant == "dora" and self.norm_grad != "detach":
+            return "it treats the norm as a constant (norm_grad='detach'), not norm_grad='exact'"
+        if impl == "triton" and not triton_available():
+            return "triton is not installed"
+        return None
+
+    def _quant_impl(self, x: Tensor) -> str | None:
+        """"fused" / "triton" for DequantizedLinearFunction, or None for the eager path (class doc); an
+        explicit backend that cannot run this call raises, as on a dense layer."""
+        if self.backend == "torch" or self.variant == "magnitude":
+            return None
+        if self.backend == "auto":
+            if not (QUANT_FUSED_AUTO and x.is_cuda):
+                return None
+            impl = ("triton" if self.variant == "dora" and triton_available() and self.rank <= TRITON_AUTO_MAX_RANK
+                    else "fused")
+        else:
+            impl = self.backend
+        reason = self._static_unsupported(impl) or self._quant_runtime_unsupported(impl, x)
+        if reason is None:
+            return impl
+        if self.backend == "auto":
+            return None
+        raise RuntimeError(f"backend={self.backend!r} cannot run this call: {reason}. Use backend='auto' (falls "
+                           "back to the eager path where needed) or 'torch'.")
+
+    def _quant_runtime_unsupported(self, impl: str, x: Tensor) -> str | None:
+        state = _quant_state_4bit(self.base_layer)
+        compute = getattr(self.base_layer, "compute_dtype", None)
+        if self.training and isinstance(self.lora_dropout, nn.Dropout):
+            return "dropout > 0 while training (PEFT's dropout formula runs on the eager path)"
+        if _autocast_dtype(x) is not None:
+            return "autocast is on (the path takes the input in W0's dtype)"
+        if x.dtype != state.dtype or compute not in (None, x.dtype):
+            return (f"the input is {x.dtype}, W0 was quantized from {state.dtype} and the compute dtype is {compute}; "
+                    "the path needs all three equal")
+        if impl == "triton" and not (x.is_cuda or triton_interpreted()):
+            return f"the kernels need a CUDA device (or TRITON_INTERPRET=1), not {x.device}"
+        return None
+
+    def _single_forward(self, x: Tensor) -> Tensor:
+        impl = self._quant_impl(x)
+        if impl is None:
+            return super()._single_forward(x)
+        return DequantizedLinearFunction.apply(x, functools.partial(dequantize_weight, self.base_layer),
+                                               self.base_layer.bias, self.lora_A, self.lora_B,
+                                               self.magnitude if self.variant == "dora" else None, self.scaling, impl)
 
 
 class Linear8bitAdapter(QuantizedLinearAdapter):

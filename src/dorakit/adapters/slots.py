@@ -151,12 +151,16 @@ class MultiAdapter(GatherPath):
         self._route, self._route_rows = groups, rows
         self.refresh_multi()
 
+    def _plain_forward(self, x: Tensor) -> Tensor:
+        """The base layer's own output (a quantized base overrides it: quant.py)."""
+        return self.base_layer(x)
+
     def _run_adapter(self, name: str | None, x: Tensor) -> Tensor:
         """The module's output for ``x`` under adapter ``name``; the base output for one it does not hold."""
         if name == self.adapter_name:  # the own adapter: no binding (the decode loop's common case)
             return self._single_forward(x)
         if name is None or name not in self.hosted_names():
-            return self.base_layer(x)
+            return self._plain_forward(x)
         with self.bound(name):
             return self._single_forward(x)
 

@@ -29,6 +29,8 @@ whose host cost per call is lower.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -147,23 +149,61 @@ class DoRALinearFunction(torch.autograd.Function):
         b_s: Tensor,
         impl: str,
     ) -> Tensor:
-        y, h, y_pre, g = linear_forward(x.reshape(-1, x.shape[-1]), weight, bias, magnitude, norm, a_s, b_c, impl)
-        saved = y if impl == "triton" and magnitude is not None else y_pre
-        ctx.save_for_backward(x, weight, bias, magnitude, norm, a_c, b_c, b_s, h, saved, g)
-        ctx.impl = impl
-        ctx.dtypes = (lora_A.dtype, lora_B.dtype)
-        return y.view(*x.shape[:-1], y.shape[-1])
+        return _function_forward(ctx, x, weight, bias, lora_A, lora_B, magnitude, (norm, a_c, a_s, b_c, b_s), impl,
+                                 save_weight=True)
 
     @staticmethod
     def backward(ctx, dy: Tensor) -> tuple[Tensor | None, ...]:  # noqa: ANN001
-        x, weight, bias, magnitude, norm, a_c, b_c, b_s, h, saved, g = ctx.saved_tensors
-        need_x, _, need_b, need_A, need_B, need_m = ctx.needs_input_grad[:6]
-        grad_x, grad_b, grad_A, grad_B, grad_m = linear_backward(
-            dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1]), weight, bias, magnitude, norm, a_c, b_c,
-            b_s, h, saved, ctx.impl, (need_x, need_b, need_A, need_B, need_m), ctx.dtypes, g)
-        if grad_x is not None:
-            grad_x = grad_x.view(x.shape)
-        return grad_x, None, grad_b, grad_A, grad_B, grad_m, None, None, None, None, None, None
+        return (*_function_backward(ctx, dy, None), None, None, None, None, None, None)
+
+
+class DequantizedLinearFunction(torch.autograd.Function):
+    """DoRALinearFunction over a base whose dense W0 is formed on demand (a 4-bit base): ``weight_fn()``
+    gives W0 in forward (the norm and the product) and again in backward (∂L/∂x, and the Triton
+    backward's rare m = 0 tiles), so no dense W0 is kept between them, as for bitsandbytes' own product.
+    The adapter's copies and the norm are prepared inside, from the same W0 the product uses."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight_fn: Callable[[], Tensor], bias: Tensor | None, lora_A: Tensor,  # noqa: ANN001
+                lora_B: Tensor, magnitude: Tensor | None, scaling: float, impl: str) -> Tensor:
+        weight = weight_fn()
+        prepared = (lora_prepare(lora_A, lora_B, scaling, weight.dtype, impl) if magnitude is None
+                    else dora_prepare(weight, lora_A, lora_B, scaling, None, impl))
+        ctx.weight_fn = weight_fn
+        return _function_forward(ctx, x, weight, bias, lora_A, lora_B, magnitude, prepared, impl, save_weight=False)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor) -> tuple[Tensor | None, ...]:  # noqa: ANN001
+        need_x = ctx.needs_input_grad[0]
+        triton_dora = ctx.impl == "triton" and ctx.has_magnitude
+        weight = ctx.weight_fn() if need_x or triton_dora else None
+        return (*_function_backward(ctx, dy, weight), None, None)
+
+
+def _function_forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor,  # noqa: ANN001
+                      lora_B: Tensor, magnitude: Tensor | None, prepared: tuple[Tensor | None, ...], impl: str,
+                      save_weight: bool) -> Tensor:
+    """The Functions' forward: linear_forward, and what backward needs saved (W0 only if ``save_weight``)."""
+    norm, a_c, a_s, b_c, b_s = prepared
+    y, h, y_pre, g = linear_forward(x.reshape(-1, x.shape[-1]), weight, bias, magnitude, norm, a_s, b_c, impl)
+    saved = y if impl == "triton" and magnitude is not None else y_pre
+    ctx.save_for_backward(x, weight if save_weight else None, bias, magnitude, norm, a_c, b_c, b_s, h, saved, g)
+    ctx.impl, ctx.has_magnitude = impl, magnitude is not None
+    ctx.dtypes = (lora_A.dtype, lora_B.dtype)
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def _function_backward(ctx, dy: Tensor, weight: Tensor | None) -> tuple[Tensor | None, ...]:  # noqa: ANN001
+    """(∂L/∂x, None for W0, ∂L/∂b, ∂L/∂A, ∂L/∂B, ∂L/∂m); ``weight``: W0 where the forward did not save it."""
+    x, saved_weight, bias, magnitude, norm, a_c, b_c, b_s, h, saved, g = ctx.saved_tensors
+    weight = saved_weight if weight is None else weight
+    need_x, _, need_b, need_A, need_B, need_m = ctx.needs_input_grad[:6]
+    grad_x, grad_b, grad_A, grad_B, grad_m = linear_backward(
+        dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1]), weight, bias, magnitude, norm, a_c, b_c,
+        b_s, h, saved, ctx.impl, (need_x, need_b, need_A, need_B, need_m), ctx.dtypes, g)
+    if grad_x is not None:
+        grad_x = grad_x.view(x.shape)
+    return grad_x, None, grad_b, grad_A, grad_B, grad_m
 
 
 def dora_prepare(
