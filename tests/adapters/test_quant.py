@@ -77,6 +77,19 @@ def make_pair(variant: str, bias: bool = True, dtype: torch.dtype = torch.float3
     return layer, twin, x
 
 
+def bf16_twin(layer: Linear4bitAdapter, variant: str, backend: str) -> LinearAdapter:
+    """A dense bf16 LinearAdapter holding dequant(Q) and ``layer``'s bias and adapter tensors."""
+    twin_base = nn.Linear(IN, OUT, dtype=torch.bfloat16).requires_grad_(False)
+    with torch.no_grad():
+        twin_base.weight.copy_(dequantize_weight(layer.base_layer))
+        twin_base.bias.copy_(layer.base_layer.bias)
+    twin = LinearAdapter(twin_base, variant, RANK, ALPHA, backend=backend)
+    with torch.no_grad():
+        for name, p in layer.named_parameters(recurse=False):
+            getattr(twin, name).copy_(p)
+    return twin
+
+
 # ---- the adapter is DoRA / LoRA on the dequantized weight --------------------------------------
 
 @pytest.mark.parametrize("quant_kw", QUANTS, ids=lambda kw: f"{kw['quant_type']}-dq{int(kw['double_quant'])}")
@@ -99,14 +112,7 @@ def test_bfloat16_base_matches_dense_adapter_in_bfloat16(bnb, variant: str) -> N
     """A bf16 model (the usual QLoRA setup): the same computation as the dense bf16 twin."""
     layer, _, x = make_pair(variant, dtype=torch.bfloat16)
     assert layer.lora_A.dtype == torch.float32                    # adapters train in float32, as in PEFT
-    twin_base = nn.Linear(IN, OUT, dtype=torch.bfloat16).requires_grad_(False)
-    with torch.no_grad():
-        twin_base.weight.copy_(dequantize_weight(layer.base_layer))
-        twin_base.bias.copy_(layer.base_layer.bias)
-    twin = LinearAdapter(twin_base, variant, RANK, ALPHA, backend="torch")
-    with torch.no_grad():
-        for name, p in layer.named_parameters(recurse=False):
-            getattr(twin, name).copy_(p)
+    twin = bf16_twin(layer, variant, "torch")
     y, g = grads(layer, x)
     y_ref, g_ref = grads(twin, x)
     assert y.dtype == torch.bfloat16
@@ -333,14 +339,7 @@ def test_fused_backend_in_bfloat16_is_the_dense_fused_path(bnb, variant: str) ->
     bf16 nn.Linear holding dequant(Q) (A and B cast to bf16 for the products, as on the dense layer),
     to the same bits (the Triton interpreter's bfloat16 dot is wrong: "triton" in bf16 is left to the gpu tests)."""
     layer, _, x = make_pair(variant, dtype=torch.bfloat16, backend="fused")
-    twin_base = nn.Linear(IN, OUT, dtype=torch.bfloat16).requires_grad_(False)
-    with torch.no_grad():
-        twin_base.weight.copy_(dequantize_weight(layer.base_layer))
-        twin_base.bias.copy_(layer.base_layer.bias)
-    twin = LinearAdapter(twin_base, variant, RANK, ALPHA, backend="fused")
-    with torch.no_grad():
-        for name, p in layer.named_parameters(recurse=False):
-            getattr(twin, name).copy_(p)
+    twin = bf16_twin(layer, variant, "fused")
     y, g = grads(layer, x)
     y_ref, g_ref = grads(twin, x)
     assert y.dtype == torch.bfloat16 and y.equal(y_ref)

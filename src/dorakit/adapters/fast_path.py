@@ -233,6 +233,10 @@ class FastPath:
         """Why ``impl`` ("fused" / "triton") can never run this adapter, or None."""
         if not self.supports_fused:
             return f"only nn.Linear adapters have it, not {type(self).__name__}"
+        return self._variant_unsupported(impl)
+
+    def _variant_unsupported(self, impl: str) -> str | None:
+        """Why ``impl`` can never run this adapter's variant, norm gradient or rank, or None."""
         if self.variant == "magnitude":
             return "it implements LoRA and DoRA, not variant='magnitude'"
         if self.variant == "dora" and self.norm_grad != "detach":

@@ -336,13 +336,7 @@ class Linear4bitAdapter(QuantizedLinearAdapter):
         return None  # FastPath's paths read a dense base_layer.weight; this layer's own is _quant_impl
 
     def _static_unsupported(self, impl: str) -> str | None:
-        if self.variant == "magnitude":
-            return "it implements LoRA and DoRA, not variant='magnitude'"
-        if self.variant == "dora" and self.norm_grad != "detach":
-            return "it treats the norm as a constant (norm_grad='detach'), not norm_grad='exact'"
-        if impl == "triton" and not triton_available():
-            return "triton is not installed"
-        return None
+        return self._variant_unsupported(impl)  # a 4-bit base has both paths (_quant_impl)
 
     def _quant_impl(self, x: Tensor) -> str | None:
         """"fused" / "triton" for DequantizedLinearFunction, or None for the eager path (class doc); an
