@@ -150,6 +150,24 @@ def test_magnitude_only_and_hooked_lora_take_no_pack() -> None:
     assert len(calls) == 3 and ys[-1].equal(_outside(lora, x))  # the hook ran on every call
 
 
+@pytest.mark.parametrize("method", ["vera", "dvora"])
+def test_vera_inside_the_block_equals_outside(method: str) -> None:
+    """VeRA / DVoRA (A and B derived, not parameters) take no pack and give the same output inside the block."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 12))
+    dk.apply_adapters(model, dk.AdapterConfig(method=method, rank=4, targets=["0", "2"]))
+    with torch.no_grad():
+        for _, layer in dk.adapter_layers(model):
+            layer.vera_lambda_b.normal_(std=0.3)
+    model.eval()
+    x = torch.randn(3, 16)
+    ref = _outside(model, x)
+    with torch.no_grad(), dk.cached_norms(model):
+        ys = [model(x) for _ in range(2)]
+        assert model[0]._infer_cache is None
+    assert all(y.equal(ref) for y in ys)
+
+
 # ---- the one-launch decode kernel (kernels/triton_decode.py) -------------------------------------------
 # On CPU it runs under TRITON_INTERPRET=1 (tests/conftest.py) in float32 and float16 (the interpreter's
 # bfloat16 dot is wrong); bfloat16 is checked on CUDA by the gpu-marked test.

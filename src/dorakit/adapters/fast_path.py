@@ -129,14 +129,14 @@ class FastPath:
     def _inference_state(self, x: Tensor) -> tuple | None:
         """What the inference pack depends on, or None where _inference_call does not apply (outside
         cached_norms(), training mode, grad enabled, the cache turned off, magnitude-only, a base weight
-        that is no plain parameter, while torch.compile traces: the traced graph takes the custom op). Read through the modules' dicts: this runs on every decode call."""
+        or A / B that is no plain parameter (VeRA's derived factors), while torch.compile traces: the traced graph takes the custom op). Read through the modules' dicts: this runs on every decode call."""
         if (self._cache_depth == 0 or self.training or torch.is_grad_enabled() or not self.cache_norm
                 or self.variant == "magnitude" or torch.compiler.is_compiling()):
             return None
         params = self._parameters
         base = self._modules["base_layer"]
-        W, A, B = base._parameters.get("weight"), params["lora_A"], params["lora_B"]
-        if W is None:
+        W, A, B = base._parameters.get("weight"), params.get("lora_A"), params.get("lora_B")
+        if W is None or A is None or B is None:  # e.g. VeRA / DVoRA, whose A and B are derived: the eager path
             return None
         m = params.get("magnitude") if self.variant == "dora" else None
         return (W._version, W.data_ptr(), A._version, A.data_ptr(), B._version, B.data_ptr(),
