@@ -240,3 +240,37 @@ def test_reference_routing_norm_cache_follows_optimizer_step() -> None:
         want = alone(base, model, "dora2")(x[:1])
     torch.testing.assert_close(stepped, want, rtol=1e-12, atol=1e-12)
     assert not torch.allclose(first, stepped)
+
+
+def _conv1d_model(in_f: int = 40, out_f: int = 24) -> nn.Module:
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Conv1D(out_f, in_f))  # GPT-2's layout: weight stored (in, out)
+    config = dk.AdapterConfig(method="dora", rank=4, targets=["0"])
+    dk.apply_adapters(model, config)
+    dk.add_adapter(model, config, name="b")
+    layer = model[0]
+    with torch.no_grad():
+        for name in layer.hosted_names():
+            with layer.bound(name):
+                layer.lora_B.normal_(std=0.1)
+    return model.eval()
+
+
+@needs_triton
+def test_conv1d_mixed_batch_on_the_triton_path_equals_the_reference() -> None:
+    """GPT-2's Conv1D stores W0 as (in, out): the decode branch must read W0 as (out, in) (weight_2d(), which
+    is not contiguous there, so the gathered kernels run instead). backend="triton" set on the layer stands in
+    for "auto" on CUDA once fast_path.DECODE_AUTO is set."""
+    model = _conv1d_model()
+    layer = model[0]
+    x = torch.randn(3, 40)
+    names = ["default", "b", None]
+    with torch.no_grad(), dk.adapter_routing(model, names):
+        layer.backend = "torch"  # reference routing: each group through its own adapter
+        ref = model(x)
+        layer.backend = "triton"
+        assert layer._gather_impl(x) == "triton"  # 3 rows: the decode branch unless W0 is no (out, in) view
+        y = model(x)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)

@@ -265,7 +265,7 @@ def test_layer_calls_of_few_rows_take_the_decode_kernel(variant: str, monkeypatc
             ys = [model(x) for _ in range(2)]
         for y in ys:
             torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
-    assert calls == [1, 1, DECODE_MAX_ROWS, DECODE_MAX_ROWS]  # two calls each; 17 rows never
+    assert calls == [1, 1, DECODE_MAX_ROWS, DECODE_MAX_ROWS]  # two calls each; DECODE_MAX_ROWS + 1 rows never
 
 
 def test_auto_takes_the_decode_kernel_only_on_cuda_where_allowed() -> None:
@@ -289,3 +289,30 @@ def test_compiled_model_inside_the_block_traces_the_custom_op() -> None:
         y = compiled(x)
         assert model[0]._infer_cache is None
     torch.testing.assert_close(y, ref, rtol=1e-6, atol=1e-6)
+
+
+def _one_linear() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(24, 18))
+    dk.apply_adapters(model, dk.AdapterConfig(method="dora", rank=4, targets=["0"]))
+    return model.eval()
+
+
+def test_adapter_added_inside_the_block_is_dropped_after_a_fused_step() -> None:
+    """A slot added inside the block (add_adapter, add_weighted_adapter, load_adapter) is dropped by the
+    optimizer-step hook too: a fused optimizer bumps no version counter, so only the hook can see the step."""
+    model = _one_linear()
+    x = torch.randn(4, 24)
+    with dk.cached_norms(model):
+        dk.add_adapter(model, dk.AdapterConfig(method="dora", rank=4, targets=["0"]), name="b")
+        dk.set_adapter(model, "b")  # b trains (model stays in eval mode: no dropout)
+        with torch.no_grad():
+            model(x)  # builds b's pack
+        opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.1, fused=True)
+        model(x).square().sum().backward()
+        opt.step()
+        with torch.no_grad():
+            inside = model(x)
+    with torch.no_grad():
+        outside = model(x)
+    torch.testing.assert_close(inside, outside)

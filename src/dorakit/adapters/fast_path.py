@@ -183,7 +183,7 @@ class FastPath:
         adapter's) <= DECODE_MAX_RANK, a float16 / bfloat16 / float32 input, contiguous W0, and backend
         "triton" (on CUDA, or interpreted for tests) or "auto" on CUDA where DECODE_AUTO allows it."""
         rank = self.rank if rank is None else rank
-        if not (triton_available() and rank <= DECODE_MAX_RANK and self.base_layer.weight.is_contiguous()
+        if not (triton_available() and rank <= DECODE_MAX_RANK and self.weight_2d().is_contiguous()
                 and x.dtype in (torch.float16, torch.bfloat16, torch.float32)):
             return False
         if self.backend == "triton":
@@ -321,8 +321,10 @@ def cached_norms(model: nn.Module) -> Iterator[None]:
     def drop(*_: object) -> None:
         for holder in holders:
             holder._norm_cache = holder._infer_cache = None
-        for layer in layers:  # the mixed-batch packs (gathered.py)
+        for layer in layers:  # the mixed-batch packs (gathered.py), and slots added inside the block
             layer._gather_cache = None
+            for slot in layer.slots().values():
+                slot._norm_cache = slot._infer_cache = None
 
     handle = register_optimizer_step_post_hook(drop)
     for layer in layers:

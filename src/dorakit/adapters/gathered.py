@@ -172,7 +172,7 @@ class GatherPath:
             from .kernels.triton_decode import decode_linear  # one launch: base, every row's adapter, scale, bias
 
             row_seg = seg if x3.shape[1] == 1 else seg.repeat_interleave(x3.shape[1])
-            y = decode_linear(x3.reshape(rows, -1).contiguous(), self.base_layer.weight, pack.a, pack.b,
+            y = decode_linear(x3.reshape(rows, -1).contiguous(), self.weight_2d(), pack.a, pack.b,
                               pack.g.float(), bias, row_seg)
             return y.view(*x.shape[:-1], y.shape[-1])
         base = self._base(x3)                                                    # (Bt, T, out)
