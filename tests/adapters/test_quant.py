@@ -441,13 +441,17 @@ def test_quantize_linear_rejects_bad_arguments(bnb) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_qdora_matches_float64_reference_within_one_dense_copy_of_memory(bnb) -> None:
-    """bf16 QDoRA on bitsandbytes' CUDA kernels: the float64 DoRA formula on dequant(Q), and the peak
+@pytest.mark.parametrize("backend", ["auto", "fused", "triton"])
+def test_cuda_qdora_matches_float64_reference_within_one_dense_copy_of_memory(bnb, backend: str) -> None:
+    """bf16 QDoRA on bitsandbytes' CUDA kernels, on the eager path (auto) and through
+    DequantizedLinearFunction (fused, triton): the float64 DoRA formula on dequant(Q), and the peak
     memory of a training step above the resident layer stays under 1.5 dense copies of W0."""
+    if backend == "triton":
+        pytest.importorskip("triton")
     torch.manual_seed(0)
     out_f, in_f = 1024, 4096
     q = quantize_linear(nn.Linear(in_f, out_f, dtype=torch.bfloat16, device="cuda"), compute_dtype=torch.bfloat16)
-    layer = Linear4bitAdapter(q, "dora", 8, 16.0)
+    layer = Linear4bitAdapter(q, "dora", 8, 16.0, backend=backend)
     with torch.no_grad():
         layer.lora_B.normal_(std=0.05)
         layer.magnitude.mul_(torch.empty_like(layer.magnitude).uniform_(0.5, 1.5))
