@@ -311,7 +311,7 @@ def test_fused_backends_are_refused_with_a_reason(bnb) -> None:
     dropped.eval()
     dropped(torch.randn(2, IN))                                  # eval mode: no dropout, the path runs
     auto, _, x = make_pair("dora")
-    assert auto._quant_impl(x) is None and not quant.QUANT_FUSED_AUTO
+    assert auto._fast_impl(x) is None and not quant.QUANT_FUSED_AUTO
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -325,7 +325,7 @@ def test_fused_backends_match_dense_adapter(bnb, variant: str, backend: str, bia
     if backend == "triton":
         pytest.importorskip("triton")
     layer, twin, x = make_pair(variant, bias, backend=backend)
-    assert layer._quant_impl(x) == backend
+    assert layer._fast_impl(x) == backend
     calls = []
     whole = quant.dequantize_weight
     monkeypatch.setattr(quant, "dequantize_weight", lambda linear: calls.append("whole") or whole(linear))

@@ -19,6 +19,8 @@ from .kernels import dora_linear, dora_prepare, lora_prepare, triton_available, 
 from .kernels import DECODE_MAX_RANK, DECODE_MAX_ROWS
 from .kernels.dora_linear import linear_forward
 
+DROPOUT_REASON = "dropout > 0 while training (PEFT's dropout formula runs on the eager path)"
+"""Why the fused / Triton paths skip a call while dropout is active (FastPath._dropout_active)."""
 DECODE_AUTO = False
 """Whether backend="auto" takes the decode kernel on CUDA (backend="triton" always does where it can)."""
 
@@ -123,20 +125,22 @@ class FastPath:
 
     def train(self, mode: bool = True) -> Self:
         """nn.Module.train, dropping the norms kept by cached_norms() (see _prepared, gathered.py)."""
-        self._norm_cache = self._gather_cache = self._infer_cache = None
+        self.refresh_weight_cache()
         return super().train(mode)
 
     def _inference_state(self, x: Tensor) -> tuple | None:
-        """What the inference pack depends on, or None where _inference_call does not apply (outside
+        """What the inference pack depends on, or None where _inference_call does not apply: outside
         cached_norms(), training mode, grad enabled, the cache turned off, magnitude-only, a base weight
-        or A / B that is no plain parameter (VeRA's derived factors), while torch.compile traces: the traced graph takes the custom op). Read through the modules' dicts: this runs on every decode call."""
+        or A / B that is no plain floating-point parameter (VeRA's derived factors, a quantized base),
+        and while torch.compile traces (the traced graph takes the custom op). Read through the modules'
+        dicts: this runs on every decode call."""
         if (self._cache_depth == 0 or self.training or torch.is_grad_enabled() or not self.cache_norm
                 or self.variant == "magnitude" or torch.compiler.is_compiling()):
             return None
         params = self._parameters
         base = self._modules["base_layer"]
         W, A, B = base._parameters.get("weight"), params.get("lora_A"), params.get("lora_B")
-        if W is None or A is None or B is None:  # e.g. VeRA / DVoRA, whose A and B are derived: the eager path
+        if W is None or A is None or B is None or not W.is_floating_point():  # VeRA's derived A / B, a 4-bit W0
             return None
         m = params.get("magnitude") if self.variant == "dora" else None
         return (W._version, W.data_ptr(), A._version, A.data_ptr(), B._version, B.data_ptr(),
@@ -251,8 +255,8 @@ class FastPath:
     def _runtime_unsupported(self, impl: str, x: Tensor) -> str | None:
         """Why ``impl`` cannot run this call (dropout while training, autocast, dtypes, device), or None."""
         weight = self.base_layer.weight
-        if self.training and isinstance(self.lora_dropout, nn.Dropout):
-            return "dropout > 0 while training (PEFT's dropout formula runs on the eager path)"
+        if self._dropout_active():
+            return DROPOUT_REASON
         cast = _autocast_dtype(x)
         if cast is not None and cast not in (torch.float16, torch.bfloat16):
             return f"autocast to {cast} (the kernels follow autocast to float16 / bfloat16 only)"
@@ -268,6 +272,10 @@ class FastPath:
             if not weight.is_cuda and not triton_interpreted():
                 return f"the kernels need a CUDA device (or TRITON_INTERPRET=1), not {weight.device}"
         return None
+
+    def _dropout_active(self) -> bool:
+        """Whether this call drops inputs (training with dropout > 0): the fused / Triton paths skip it."""
+        return self.training and isinstance(self.lora_dropout, nn.Dropout)
 
     def _auto_order(self, on_cuda: bool) -> tuple[str, ...]:
         """The paths backend="auto" tries, in order: Triton only for DoRA on CUDA at rank <=
@@ -316,14 +324,11 @@ def cached_norms(model: nn.Module) -> Iterator[None]:
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
     layers = [m for m in model.modules() if isinstance(m, FastPath)]
-    holders = layers + [m for m in model.modules() if getattr(m, "holds_norm_cache", False)]  # + named adapters'
 
     def drop(*_: object) -> None:
-        for holder in holders:
-            holder._norm_cache = holder._infer_cache = None
-        for layer in layers:  # the mixed-batch packs (gathered.py), and slots added inside the block
-            layer._gather_cache = None
-            for slot in layer.slots().values():
+        for layer in layers:
+            layer.refresh_weight_cache()
+            for slot in layer.slots().values():  # the named adapters' caches, also of those added inside the block
                 slot._norm_cache = slot._infer_cache = None
 
     handle = register_optimizer_step_post_hook(drop)

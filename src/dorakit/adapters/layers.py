@@ -193,7 +193,7 @@ class AdapterLayer(MultiAdapter, FastPath, nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.merged or self.disabled:
-            return self.base_layer(x)
+            return self._plain_forward(x)
         if self.multi:  # several adapters here, another one active, or a routed batch (slots.py)
             return self._multi_forward(x)
         return self._single_forward(x)
@@ -207,13 +207,13 @@ class AdapterLayer(MultiAdapter, FastPath, nn.Module):
         if impl is not None:  # LoRA / DoRA through dorakit.adapters.kernels: one autograd Function, the norm a constant
             return self._fast_forward(x, impl)
         if self.variant == "lora":
-            y = self.base_layer(x)
+            y = self._plain_forward(x)
             return (y + self.scaling * self._lora(self.lora_dropout(x))).to(y.dtype)
         scale = self.dora_scale()
         base = self._base(x)
         if self.variant == "magnitude":
             y = dora_combine(base, None, scale, 0.0, self.channel_dim)
-        elif self.training and isinstance(self.lora_dropout, nn.Dropout):
+        elif self._dropout_active():
             x_dropped = self.lora_dropout(x)
             y = dora_combine_dropout(base, self._base(x_dropped), self._lora(x_dropped), scale, self.scaling,
                                      self.channel_dim)

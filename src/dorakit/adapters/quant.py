@@ -46,9 +46,9 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.utils.checkpoint import checkpoint
 
-from .fast_path import TRITON_AUTO_MAX_RANK, _autocast_dtype
+from .fast_path import DROPOUT_REASON, _autocast_dtype
 from .functional import dora_norm, safe_sqrt
-from .kernels import triton_available, triton_interpreted
+from .kernels import triton_interpreted
 from .kernels.dora_linear import DequantizedLinearFunction
 from .layers import AdapterLayer, AdapterStateError
 
@@ -274,21 +274,10 @@ class QuantizedLinearAdapter(AdapterLayer):
 
         return checkpoint(norm, self.lora_A_2d(), self.lora_B_2d(), use_reentrant=False)
 
-    def forward(self, x: Tensor) -> Tensor:
-        if self.disabled:
-            return self._matmul(x, self.base_layer.bias)
-        return super().forward(x)  # the own adapter, or the routed forward (slots.py), through _single_forward
-
     def _plain_forward(self, x: Tensor) -> Tensor:
-        """The base layer's output (rows without an adapter): bitsandbytes' product, not Linear4bit.forward
-        (which writes to the module; see matmul_4bit)."""
+        """The base layer's output (disabled, eager LoRA's base product, rows without an adapter):
+        bitsandbytes' product, not Linear4bit.forward (which writes to the module; see matmul_4bit)."""
         return self._matmul(x, self.base_layer.bias)
-
-    def _single_forward(self, x: Tensor) -> Tensor:
-        if self.variant == "lora":  # the base product through _matmul (see _plain_forward)
-            y = self._matmul(x, self.base_layer.bias)
-            return (y + self.scaling * self._lora(self.lora_dropout(x))).to(y.dtype)
-        return super()._single_forward(x)  # DoRA / magnitude: AdapterLayer's eager path through _base and _norm
 
     def merge(self, name: str | None = None) -> None:
         raise AdapterStateError(_no_in_place(self.bits))
@@ -332,37 +321,18 @@ class Linear4bitAdapter(QuantizedLinearAdapter):
     def _matmul(self, x: Tensor, bias: Tensor | None) -> Tensor:
         return matmul_4bit(self.base_layer, x, bias)
 
-    def _fast_impl(self, x: Tensor) -> str | None:
-        return None  # FastPath's paths read a dense base_layer.weight; this layer's own is _quant_impl
-
     def _static_unsupported(self, impl: str) -> str | None:
-        return self._variant_unsupported(impl)  # a 4-bit base has both paths (_quant_impl)
+        return self._variant_unsupported(impl)  # a 4-bit base has the fused / Triton paths (_fast_forward)
 
-    def _quant_impl(self, x: Tensor) -> str | None:
-        """"fused" / "triton" for DequantizedLinearFunction, or None for the eager path (class doc); an
-        explicit backend that cannot run this call raises, as on a dense layer."""
-        if self.backend == "torch" or self.variant == "magnitude":
-            return None
-        if self.backend == "auto":
-            if not (QUANT_FUSED_AUTO and x.is_cuda):
-                return None
-            impl = ("triton" if self.variant == "dora" and triton_available() and self.rank <= TRITON_AUTO_MAX_RANK
-                    else "fused")
-        else:
-            impl = self.backend
-        reason = self._static_unsupported(impl) or self._quant_runtime_unsupported(impl, x)
-        if reason is None:
-            return impl
-        if self.backend == "auto":
-            return None
-        raise RuntimeError(f"backend={self.backend!r} cannot run this call: {reason}. Use backend='auto' (falls "
-                           "back to the eager path where needed) or 'torch'.")
+    def _auto_order(self, on_cuda: bool) -> tuple[str, ...]:
+        """FastPath's order on CUDA once QUANT_FUSED_AUTO is set; until then "auto" runs the eager path."""
+        return super()._auto_order(on_cuda) if QUANT_FUSED_AUTO and on_cuda else ()
 
-    def _quant_runtime_unsupported(self, impl: str, x: Tensor) -> str | None:
+    def _runtime_unsupported(self, impl: str, x: Tensor) -> str | None:
         state = _quant_state_4bit(self.base_layer)
         compute = getattr(self.base_layer, "compute_dtype", None)
-        if self.training and isinstance(self.lora_dropout, nn.Dropout):
-            return "dropout > 0 while training (PEFT's dropout formula runs on the eager path)"
+        if self._dropout_active():
+            return DROPOUT_REASON
         if _autocast_dtype(x) is not None:
             return "autocast is on (the path takes the input in W0's dtype)"
         if x.dtype != state.dtype or compute not in (None, x.dtype):
@@ -372,10 +342,7 @@ class Linear4bitAdapter(QuantizedLinearAdapter):
             return f"the kernels need a CUDA device (or TRITON_INTERPRET=1), not {x.device}"
         return None
 
-    def _single_forward(self, x: Tensor) -> Tensor:
-        impl = self._quant_impl(x)
-        if impl is None:
-            return super()._single_forward(x)
+    def _fast_forward(self, x: Tensor, impl: str) -> Tensor:
         return DequantizedLinearFunction.apply(x, functools.partial(dequantize_weight, self.base_layer),
                                                self.base_layer.bias, self.lora_A, self.lora_B,
                                                self.magnitude if self.variant == "dora" else None, self.scaling, impl)

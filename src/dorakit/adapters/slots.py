@@ -39,9 +39,6 @@ _MISSING = object()
 class AdapterSlot(nn.Module):
     """One adapter's state on one module, held by the module's wrapper under its name (see module doc)."""
 
-    holds_norm_cache = True
-    """cached_norms() drops this object's norm cache together with the wrappers'."""
-
     @classmethod
     def take(cls, wrapper: nn.Module) -> AdapterSlot:
         """A slot holding ``wrapper``'s own adapter (its tensors are moved, not copied)."""
@@ -152,7 +149,8 @@ class MultiAdapter(GatherPath):
         self.refresh_multi()
 
     def _plain_forward(self, x: Tensor) -> Tensor:
-        """The base layer's own output (a quantized base overrides it: quant.py)."""
+        """The base layer's own output (merged, disabled, a row without an adapter, eager LoRA's base product);
+        a quantized base overrides it (quant.py)."""
         return self.base_layer(x)
 
     def _run_adapter(self, name: str | None, x: Tensor) -> Tensor:
