@@ -255,7 +255,7 @@ def _conv1d_model(in_f: int = 40, out_f: int = 24) -> nn.Module:
         for name in layer.hosted_names():
             with layer.bound(name):
                 layer.lora_B.normal_(std=0.1)
-    return model.eval()
+    return model.to(DEVICE).eval()
 
 
 @needs_triton
@@ -265,7 +265,7 @@ def test_conv1d_mixed_batch_on_the_triton_path_equals_the_reference() -> None:
     for "auto" on CUDA once fast_path.DECODE_AUTO is set."""
     model = _conv1d_model()
     layer = model[0]
-    x = torch.randn(3, 40)
+    x = torch.randn(3, 40, device=DEVICE)
     names = ["default", "b", None]
     with torch.no_grad(), dk.adapter_routing(model, names):
         layer.backend = "torch"  # reference routing: each group through its own adapter
