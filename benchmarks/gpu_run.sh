@@ -39,7 +39,7 @@ eager)
         --methods frozen,dorakit-lora,dorakit-dora,peft-dora ;;
 qdora)
     run python benchmarks/bench_train_step.py --device cuda --preset llama-8b-4l --steps 10 --warmup 3 \
-        --methods dorakit-qdora,dorakit-qdora-fused,dorakit-qdora-triton,dorakit-dora,peft-qdora,peft-qlora ;;
+        --methods dorakit-qdora,dorakit-qdora-torch,dorakit-qdora-fused,dorakit-dora,peft-qdora,peft-qlora ;;
 compile8b)
     run python benchmarks/bench_train_step.py --device cuda --preset llama-8b-4l --steps 10 --warmup 3 \
         --methods frozen+compile,dorakit-lora+compile,dorakit-dora+compile ;;

@@ -311,7 +311,16 @@ def test_fused_backends_are_refused_with_a_reason(bnb) -> None:
     dropped.eval()
     dropped(torch.randn(2, IN))                                  # eval mode: no dropout, the path runs
     auto, _, x = make_pair("dora")
-    assert auto._fast_impl(x) is None and not quant.QUANT_FUSED_AUTO
+    assert auto._fast_impl(x) is None                            # CPU input: auto keeps the eager path
+
+
+@pytest.mark.parametrize(("variant", "rank", "want"), [("dora", 16, ("triton",)), ("dora", 160, ()), ("lora", 16, ())])
+def test_auto_takes_only_the_timed_triton_path_on_cuda(bnb, variant: str, rank: int, want: tuple) -> None:
+    """On CUDA "auto" takes the Function's Triton path for DoRA up to TRITON_AUTO_MAX_RANK (timed faster than
+    the eager path), never its torch-fused variant (timed slower); LoRA and higher ranks stay eager."""
+    layer = Linear4bitAdapter(quantize_linear(nn.Linear(IN, OUT), compute_dtype=torch.float32), variant, rank, ALPHA)
+    assert layer._auto_order(on_cuda=True) == want
+    assert layer._auto_order(on_cuda=False) == ()
 
 
 @pytest.mark.parametrize("bias", [True, False])

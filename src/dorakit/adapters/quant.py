@@ -53,9 +53,12 @@ from .kernels.dora_linear import DequantizedLinearFunction
 from .layers import AdapterLayer, AdapterStateError
 
 INSTALL_HINT = "pip install bitsandbytes  (or: pip install 'dorakit[quant]')"
-QUANT_FUSED_AUTO = False
-"""Whether backend="auto" runs a 4-bit base's LoRA / DoRA through DequantizedLinearFunction on CUDA (see
-Linear4bitAdapter); off until that path is timed on a GPU. backend="fused" / "triton" take it where it can run."""
+QUANT_TRITON_AUTO = True
+"""Whether backend="auto" runs a 4-bit base's DoRA (rank <= fast_path.TRITON_AUTO_MAX_RANK) through
+DequantizedLinearFunction's Triton path on CUDA (see Linear4bitAdapter). Timed on an H100, LLaMA-8B layer
+shape (docs/speed.md, "QDoRA"): 58.5 ms a step against the eager path's 102.1 ms; the torch-fused variant of
+the Function (137.1 ms) lost to the eager path there, so "auto" never takes it. backend="fused" / "triton"
+take the Function wherever it can run."""
 QUANT_TYPES = ("nf4", "fp4")
 
 
@@ -306,8 +309,8 @@ class QuantizedLinearAdapter(AdapterLayer):
 class Linear4bitAdapter(QuantizedLinearAdapter):
     """QLoRA / QDoRA over a bitsandbytes ``Linear4bit`` (NF4 / FP4).
 
-    Two paths. The eager one (backend "torch", and "auto" while QUANT_FUSED_AUTO is off): bitsandbytes'
-    product, the norm streamed over blocks of dequantized rows, DoRA's combination as in AdapterLayer.
+    Two paths. The eager one (backend "torch"; "auto" for LoRA, on the CPU and above rank 128):
+    bitsandbytes' product, the norm streamed over blocks of dequantized rows, DoRA's combination as in AdapterLayer.
     Backend "fused" / "triton": one autograd Function (kernels.dora_linear.DequantizedLinearFunction)
     that dequantizes W0 once in forward for both the norm and the product (x W0ᵀ on the dense W0, as
     bitsandbytes computes it for more than a few rows) and once more in backward, the rest as DoRA on a
@@ -325,8 +328,9 @@ class Linear4bitAdapter(QuantizedLinearAdapter):
         return self._variant_unsupported(impl)  # a 4-bit base has the fused / Triton paths (_fast_forward)
 
     def _auto_order(self, on_cuda: bool) -> tuple[str, ...]:
-        """FastPath's order on CUDA once QUANT_FUSED_AUTO is set; until then "auto" runs the eager path."""
-        return super()._auto_order(on_cuda) if QUANT_FUSED_AUTO and on_cuda else ()
+        """Triton for DoRA on CUDA where FastPath would take it (QUANT_TRITON_AUTO); otherwise the eager path:
+        the torch-fused Function was slower than the eager path for a 4-bit base (see QUANT_TRITON_AUTO)."""
+        return tuple(impl for impl in super()._auto_order(on_cuda) if impl == "triton") if QUANT_TRITON_AUTO else ()
 
     def _runtime_unsupported(self, impl: str, x: Tensor) -> str | None:
         state = _quant_state_4bit(self.base_layer)
