@@ -265,9 +265,16 @@ def lora_prepare(
     lora_A: Tensor, lora_B: Tensor, scaling: float, dtype: torch.dtype, impl: str = "fused"
 ) -> tuple[Tensor | None, ...]:
     """(None, A, s·A, B, s·B in ``dtype``) without a graph: what dora_linear takes for LoRA (no norm).
-    Under torch.compile, one ``dorakit::lora_prepare`` op (ops.py)."""
+
+    Under torch.compile, "fused" traces its two multiplies and casts into the graph (Inductor fuses
+    them into a kernel or two that its own wrapper launches, and they round as the eager ops do); an
+    opaque op there ran Python, a dispatch and four to six launches per layer on every step, host
+    work that made the compiled 1B step host-bound. "triton" stays one ``dorakit::lora_prepare`` op
+    (ops.py), its one kernel."""
     with torch.no_grad():
         if torch.compiler.is_compiling():
+            if impl == "fused":
+                return (None, *_copies(lora_A, lora_B, scaling, dtype, fresh=False))
             return (None, *torch.ops.dorakit.lora_prepare(lora_A, lora_B, scaling, dtype, impl))
         return (None, *prepare_lora(lora_A, lora_B, scaling, dtype, impl))
 

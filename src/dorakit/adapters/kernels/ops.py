@@ -8,7 +8,8 @@ the eager and the compiled paths share one implementation:
 
 * ``dorakit::dora_prepare(W0, A, B, s, ||w||², impl)``: the norm (Triton: its partial sums) and
   A, s·A, B, s·B in W0's dtype; ``dorakit::lora_prepare(A, B, s, dtype, impl)``: the four copies.
-  No graph (the norm is a constant, norm_grad="detach"); called under no_grad.
+  No graph (the norm is a constant, norm_grad="detach"); called under no_grad. While compiling,
+  "fused" LoRA does not call lora_prepare: its multiplies and casts are traced (dora_linear.lora_prepare).
 * ``dorakit::adapter_linear(x, W0, b, A, B, m, n, A, s·A, B, s·B, impl)``: (y, h, y_pre), with
   autograd through ``dorakit::adapter_linear_backward`` (one op for every gradient of the layer).
   LoRA is the same op with m = n = None. h = s·x Aᵀ and y_pre are outputs only so that backward
