@@ -19,6 +19,7 @@ if not torch.cuda.is_available():  # must be set before triton_dora is imported 
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import dorakit as dk  # noqa: E402
+from dorakit.adapters import kernels  # noqa: E402,F401  (importing it registers the dorakit:: ops)
 from dorakit.adapters.functional import row_norm_sq  # noqa: E402
 
 F64 = torch.float64
