@@ -205,6 +205,8 @@ def main() -> None:
     results: dict[str, list[tuple[float, float, float]]] = {m: [] for m in methods}
     for r in range(args.rounds):  # alternate the order, so that drift (clocks, allocator) favours no one
         for method in methods if r % 2 == 0 else methods[::-1]:
+            if "+" in method and not method.endswith("+graph"):  # a fresh Dynamo cache per compiled method: the
+                torch._dynamo.reset()  # models share transformers' forwards, and past the cache limit Dynamo runs eager
             model = wrap(build(args.preset, dtype, args.device), method, args.rank)
             try:
                 graph = method.endswith("+graph")

@@ -33,7 +33,9 @@ compile)
     run python benchmarks/bench_compile.py --device cuda --dtype bfloat16 --backend inductor --repeats 2 \
         --width 2048 --layers 8 --rank 16 --batch 4096
     run python benchmarks/bench_train_step.py --device cuda --preset llama-1b --steps 10 --warmup 3 \
-        --methods frozen+compile,dorakit-lora+compile,dorakit-dora+compile ;;
+        --methods frozen+compile,dorakit-lora+compile,dorakit-dora+compile
+    run python benchmarks/bench_train_step.py --device cuda --preset llama-1b --steps 10 --warmup 3 \
+        --methods frozen+cudagraphs,dorakit-lora+cudagraphs,dorakit-dora+cudagraphs --profile ;;
 eager)
     run python benchmarks/bench_train_step.py --device cuda --preset llama-1b --steps 10 --warmup 3 --rounds 2 \
         --methods frozen,dorakit-lora,dorakit-dora,peft-dora ;;
