@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 import dorakit as dk
-from bench_multi_adapter import PRESETS, TARGETS, build, generate, sync
+from bench_multi_adapter import PRESETS, TARGETS, build, burn_in, generate, sync
 
 
 def layer_call_us(layer: nn.Module, x: torch.Tensor, device: str, calls: int = 2000) -> float:
@@ -72,9 +72,7 @@ def part_model(args: argparse.Namespace, dtype: torch.dtype) -> None:
             configs[f"{method} {backend}"] = dk.AdapterConfig(method=method, rank=args.rank, alpha=2 * args.rank,
                                                              targets=TARGETS, backend=backend)
     times: dict[str, list[float]] = {}
-    start = time.perf_counter()  # burn-in: clocks and caches settle before the first timed row
-    while time.perf_counter() - start < args.burn_in:
-        generate(model, ids, args.new_tokens)
+    burn_in(model, ids, args.new_tokens, args.burn_in)
     for _ in range(args.rounds):
         for name, config in [("base", None), *configs.items(), ("merged dora", configs["dora auto"])]:
             if config is not None:

@@ -103,6 +103,13 @@ def add_adapters(model: nn.Module, method: str, rank: int, backend: str = "auto"
     dk.set_adapter(model, NAMES[0])
 
 
+def burn_in(model: nn.Module, ids: torch.Tensor, new: int, seconds: float) -> None:
+    """Untimed generate() for ``seconds``: clocks and caches settle before the first timed row."""
+    start = time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        generate(model, ids, new)
+
+
 def in_turn(rows: list[str], run_one: Callable[[str, torch.Tensor], torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
     """Each adapter's rows as one sub-batch, in turn; outputs put back in row order."""
     out = [None] * len(rows)
@@ -212,9 +219,7 @@ def run_preset(preset: str, methods: list[str], dtype: torch.dtype, args: argpar
     prompts = {b: torch.randint(3, model.config.vocab_size, (b, args.prompt_len), generator=gen).to(args.device)
                for b in args.batches}
     rows = {b: [NAMES[0]] if b == 1 else [NAMES[i % len(NAMES)] for i in range(b)] for b in args.batches}
-    start = time.perf_counter()  # burn-in: clocks and caches settle before the first timed row
-    while time.perf_counter() - start < args.burn_in:
-        generate(model, prompts[args.batches[0]], args.new_tokens)
+    burn_in(model, prompts[args.batches[0]], args.new_tokens, args.burn_in)
     base = {b: timed(lambda new, ids=ids: generate(model, ids, new), args.new_tokens, args)
             for b, ids in prompts.items()}
     for method in methods:  # each method's rows as soon as they are measured

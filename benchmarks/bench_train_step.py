@@ -40,6 +40,8 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 METHODS = ["frozen", "dorakit-lora", "peft-lora", "dorakit-dora", "peft-dora"]
 QUANT_METHODS = ["dorakit-qdora", "dorakit-qlora", "peft-qdora", "peft-qlora", "dorakit-qdora-fused",
                  "dorakit-qdora-triton", "dorakit-qlora-fused"]
+COMPILE_MODES = {"+compile": "default", "+cudagraphs": "reduce-overhead"}
+"""Method suffixes that wrap the model in torch.compile, and the mode each uses (see wrap())."""
 ALL_METHODS = METHODS + ["dorakit-dora-fused", "dorakit-dora-torch", "peft-lora-nocast", "peft-dora-nocast"] + QUANT_METHODS
 
 
@@ -58,7 +60,7 @@ def wrap(model: torch.nn.Module, method: str, rank: int) -> torch.nn.Module:
     """The model set up for ``method``; a "+compile" suffix wraps it in torch.compile (default mode),
     "+cudagraphs" in torch.compile(mode="reduce-overhead") (CUDA graphs); "+graph" leaves it eager
     (measure() captures the whole eager step in one CUDA graph)."""
-    for suffix, mode in (("+compile", "default"), ("+cudagraphs", "reduce-overhead")):
+    for suffix, mode in COMPILE_MODES.items():
         if method.endswith(suffix):
             return torch.compile(wrap(model, method.removesuffix(suffix), rank), mode=mode)
     method = method.removesuffix("+graph")
@@ -205,8 +207,8 @@ def main() -> None:
     results: dict[str, list[tuple[float, float, float]]] = {m: [] for m in methods}
     for r in range(args.rounds):  # alternate the order, so that drift (clocks, allocator) favours no one
         for method in methods if r % 2 == 0 else methods[::-1]:
-            if "+" in method and not method.endswith("+graph"):  # a fresh Dynamo cache per compiled method: the
-                torch._dynamo.reset()  # models share transformers' forwards, and past the cache limit Dynamo runs eager
+            if method.endswith(tuple(COMPILE_MODES)):  # a fresh Dynamo cache per compiled method: the models
+                torch._dynamo.reset()  # share transformers' forwards, and past the cache limit Dynamo runs eager
             model = wrap(build(args.preset, dtype, args.device), method, args.rank)
             try:
                 graph = method.endswith("+graph")

@@ -45,6 +45,13 @@ against PEFT DoRA's 170.4 / 200.3 / 232.3 (docs/speed.md, "High rank"). backend=
 up to TRITON_MAX_RANK."""
 
 
+def _triton_device_unsupported(device: torch.device) -> str | None:
+    """Why the Triton kernels cannot run on ``device`` (no CUDA, no interpreter), or None."""
+    if device.type != "cuda" and not triton_interpreted():
+        return f"the kernels need a CUDA device (or TRITON_INTERPRET=1), not {device}"
+    return None
+
+
 def _has_hooks(module: nn.Module) -> bool:
     """Whether calling ``module`` would run forward (pre-)hooks of its own or global ones."""
     from torch.nn.modules import module as nn_module
@@ -269,8 +276,7 @@ class FastPath:
         if impl == "triton":
             if cast is None and weight.dtype not in (torch.float16, torch.bfloat16, torch.float32):
                 return f"the kernels take float16, bfloat16 or float32, not {weight.dtype}"
-            if not weight.is_cuda and not triton_interpreted():
-                return f"the kernels need a CUDA device (or TRITON_INTERPRET=1), not {weight.device}"
+            return _triton_device_unsupported(weight.device)
         return None
 
     def _dropout_active(self) -> bool:

@@ -46,9 +46,8 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 from torch.utils.checkpoint import checkpoint
 
-from .fast_path import DROPOUT_REASON, _autocast_dtype
+from .fast_path import DROPOUT_REASON, _autocast_dtype, _triton_device_unsupported
 from .functional import dora_norm, safe_sqrt
-from .kernels import triton_interpreted
 from .kernels.dora_linear import DequantizedLinearFunction
 from .layers import AdapterLayer, AdapterStateError
 
@@ -342,9 +341,7 @@ class Linear4bitAdapter(QuantizedLinearAdapter):
         if x.dtype != state.dtype or compute not in (None, x.dtype):
             return (f"the input is {x.dtype}, W0 was quantized from {state.dtype} and the compute dtype is {compute}; "
                     "the path needs all three equal")
-        if impl == "triton" and not (x.is_cuda or triton_interpreted()):
-            return f"the kernels need a CUDA device (or TRITON_INTERPRET=1), not {x.device}"
-        return None
+        return _triton_device_unsupported(x.device) if impl == "triton" else None
 
     def _fast_forward(self, x: Tensor, impl: str) -> Tensor:
         return DequantizedLinearFunction.apply(x, functools.partial(dequantize_weight, self.base_layer),
